@@ -1,0 +1,97 @@
+"""Builds megatron-core's GPTModel with PESC layers from a Hugging Face-style architecture."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig, validate_layout
+from pesc_megatron.model.pesc_layer import PESCTransformerConfig
+from pesc_megatron.model.spec import get_pesc_block_spec
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+           "fp64": torch.float64}
+
+
+def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
+                       dtype: str = "fp32") -> PESCTransformerConfig:
+    """The single megatron-core config for the model (Llama-family defaults: no dropout)."""
+    validate_layout(model, pesc, parallel)
+    params_dtype = _DTYPES[dtype]
+    return PESCTransformerConfig(
+        num_layers=model.num_hidden_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.intermediate_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_key_value_heads,
+        kv_channels=model.head_dim,
+        layernorm_epsilon=model.rms_norm_eps,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.attention_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
+        sequence_parallel=parallel.sequence_parallel,
+        pipeline_dtype=params_dtype,
+        num_moe_experts=pesc.num_experts,
+        moe_router_topk=pesc.topk,
+        moe_router_pre_softmax=pesc.routing == "softmax_topk" and not pesc.renormalize,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=pesc.aux_loss_coeff,
+        moe_z_loss_coeff=pesc.z_loss_coeff or None,
+        moe_expert_capacity_factor=pesc.capacity_factor,
+        moe_token_dispatcher_type=pesc.dispatcher,
+        moe_ffn_hidden_size=pesc.adapter_dim,
+        moe_shared_expert_intermediate_size=model.intermediate_size,
+        pesc_adapter_scaling=pesc.adapter_scaling,
+        pesc_adapter_dropout=pesc.adapter_dropout,
+        pesc_adapter_activation=pesc.adapter_activation,
+    )
+
+
+def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
+                dtype: str = "fp32", pre_process: bool | None = None,
+                post_process: bool | None = None) -> GPTModel:
+    """One pipeline stage of the PESC GPTModel, frozen except router and adapters.
+
+    Needs `parallel_state` initialised with the same layout (see runtime.initialize)."""
+    config = transformer_config(model, pesc, parallel, dtype)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=get_pesc_block_spec(config),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rope_theta),
+    )
+    freeze_base(gpt)
+    return gpt
+
+
+def is_trainable(name: str) -> bool:
+    """PESC trains the routers and the adapter experts; everything else is the frozen base."""
+    return ".mlp.router." in name or ".mlp.experts." in name
+
+
+def freeze_base(model: torch.nn.Module) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_trainable(name))

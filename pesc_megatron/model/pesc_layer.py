@@ -1,0 +1,123 @@
+"""The PESC mixture-of-adapters block as a megatron-core MoE layer.
+
+    y = F(x) + s * sum_{j in topk(x)} w_j(x) * A_j(F(x))
+
+F is the frozen dense SwiGLU FFN (megatron-core's shared expert), the router reads x, and the
+experts are bottleneck adapters A_j(u) = W_up_j act(W_down_j dropout(u)) that read F(x).
+megatron-core supplies the router (TopKRouter: routing, aux/z losses), the token dispatchers
+and the expert container (SequentialMLP); only the data flow differs from its MoELayer.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+@dataclasses.dataclass
+class PESCTransformerConfig(TransformerConfig):
+    """TransformerConfig plus the PESC fields. The adapter width is `moe_ffn_hidden_size`, the
+    shared FFN width `moe_shared_expert_intermediate_size` (= ffn_hidden_size)."""
+
+    pesc_adapter_scaling: float = 0.25
+    pesc_adapter_dropout: float = 0.1
+    pesc_adapter_activation: str = "gelu"
+
+
+def adapter_config(config: PESCTransformerConfig) -> PESCTransformerConfig:
+    """The experts' config: non-gated, bias-free bottlenecks of width moe_ffn_hidden_size."""
+    cfg = copy.copy(config)
+    cfg.gated_linear_unit = False
+    cfg.activation_func = _ACTIVATIONS[config.pesc_adapter_activation]
+    cfg.add_bias_linear = False
+    cfg.bias_activation_fusion = False
+    return cfg
+
+
+def _torch_linear_init(weight: torch.Tensor) -> None:
+    """torch.nn.Linear's default init (kaiming uniform, a=sqrt(5)), as the reference code."""
+    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+class PESCAdapterExperts(SequentialMLP):
+    """The local adapter experts; W_up is zero at init so a crafted model equals the dense one."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
+        super().__init__(num_local_experts, adapter_config(config), submodules, pg_collection)
+        self.dropout = config.pesc_adapter_dropout
+        # megatron-core marks expert weights for the expert-data-parallel reduction only when
+        # ep > 1; with ep == 1 and etp < tp they are replicated over tensor-parallel ranks that
+        # see different tokens, yet reduced over the dense DP group only. Always reduce them over
+        # the expert-data-parallel group (which contains those ranks).
+        for param in self.parameters():
+            param.allreduce = False
+        with torch.no_grad(), tensor_parallel.get_cuda_rng_tracker().fork(
+            tensor_parallel.get_expert_parallel_rng_tracker_name()
+        ):
+            for expert in self.local_experts:
+                _torch_linear_init(expert.linear_fc1.weight)
+                expert.linear_fc2.weight.zero_()
+
+    def forward(self, hidden_states, tokens_per_expert, permuted_probs):
+        # Each (token, expert) pair is its own row here, so every expert draws its own mask.
+        if self.training and self.dropout > 0:
+            with tensor_parallel.get_cuda_rng_tracker().fork(
+                tensor_parallel.get_expert_parallel_rng_tracker_name()
+            ):
+                hidden_states = F.dropout(hidden_states, self.dropout, training=True)
+        return super().forward(hidden_states, tokens_per_expert, permuted_probs)
+
+
+class PESCMoELayer(MoELayer):
+    """megatron-core's MoELayer with PESC's data flow (see the module docstring)."""
+
+    def __init__(self, config: PESCTransformerConfig, submodules=None, layer_number=None,
+                 pg_collection=None):
+        assert config.moe_shared_expert_intermediate_size is not None, "PESC needs the shared FFN"
+        super().__init__(config, submodules, layer_number, pg_collection)
+        self.adapter_scaling = config.pesc_adapter_scaling
+        with torch.no_grad():
+            _torch_linear_init(self.router.weight)
+        # Tokens routed to each expert since the last `pop_expert_load()` (for logging).
+        self.register_buffer(
+            "expert_load", torch.zeros(config.num_moe_experts, dtype=torch.float64),
+            persistent=False)
+
+    def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        probs, routing_map = super().route(hidden_states, padding_mask)
+        with torch.no_grad():
+            self.expert_load += routing_map.sum(dim=0, dtype=torch.float64)
+        return probs, routing_map
+
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None,
+                padding_mask: Optional[torch.Tensor] = None):
+        assert intermediate_tensors is None, "PESC does not support partial CUDA-graph capture"
+        if padding_mask is not None:
+            padding_mask = padding_mask.transpose(0, 1).bool()
+        shared = self.shared_experts(hidden_states)  # F(x), frozen
+        probs, routing_map = self.route(hidden_states, padding_mask)  # router reads x
+        expert_input, probs = self.preprocess(shared, probs, routing_map)  # experts read F(x)
+        expert_input, probs = self.dispatch(expert_input, probs)
+        output, _ = self.routed_experts_compute(expert_input, probs)
+        output = self.token_dispatcher.combine_postprocess(self.combine(output))
+        return shared + self.adapter_scaling * output, None
+
+
+def pop_expert_load(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Per-layer routed-token counts accumulated since the last call, then reset to zero."""
+    loads = []
+    for module in model.modules():
+        if isinstance(module, PESCMoELayer):
+            loads.append(module.expert_load.clone())
+            module.expert_load.zero_()
+    return loads

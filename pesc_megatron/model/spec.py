@@ -1,0 +1,49 @@
+"""Layer specs: megatron-core's local GPT layer with the PESC block as its MLP."""
+from __future__ import annotations
+
+import copy
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+
+from pesc_megatron.model.norm import SequenceParallelTorchNorm
+from pesc_megatron.model.pesc_layer import PESCAdapterExperts, PESCMoELayer
+
+
+def pesc_mlp_spec(linear_col=ColumnParallelLinear, linear_row=RowParallelLinear) -> ModuleSpec:
+    linears = MLPSubmodules(linear_fc1=linear_col, linear_fc2=linear_row)
+    return ModuleSpec(
+        module=PESCMoELayer,
+        submodules=MoESubmodules(
+            experts=ModuleSpec(module=PESCAdapterExperts, submodules=linears),
+            # MoELayer passes gate=config.moe_shared_expert_gate (False by default).
+            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=linears),
+        ),
+    )
+
+
+def get_pesc_layer_local_spec(num_experts: int, normalization: str = "RMSNorm") -> ModuleSpec:
+    """megatron-core's local (no TE, no apex) GPT layer with PESC's MLP and SP-capable norms."""
+    spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts,
+                                                  normalization=normalization))
+    sub = spec.submodules
+    sub.input_layernorm = SequenceParallelTorchNorm
+    sub.pre_mlp_layernorm = SequenceParallelTorchNorm
+    sub.mlp = pesc_mlp_spec()
+    return spec
+
+
+def get_pesc_block_spec(config, vp_stage=None) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers, with the SP-capable final norm."""
+    layer = get_pesc_layer_local_spec(config.num_moe_experts, config.normalization)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers,
+                                      layer_norm=SequenceParallelTorchNorm)

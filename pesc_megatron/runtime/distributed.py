@@ -1,0 +1,61 @@
+"""Distributed start-up: torch.distributed from torchrun's environment, then megatron-core's
+parallel_state and seeds. NCCL when CUDA is present, gloo (with the CPU backend) otherwise."""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from pesc_megatron.config import ParallelConfig
+from pesc_megatron.runtime import cpu_backend
+
+
+def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> None:
+    """Initialises torch.distributed (env:// as torchrun sets it, or a single process when
+    RANK is unset), megatron-core's process groups for `parallel`, and the RNG seeds."""
+    cpu_backend.apply()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python ...`: a world of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
+    )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seeds as Megatron-LM does: pipeline stages differ, the model-parallel RNG tracker forks
+    per tensor/expert rank."""
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

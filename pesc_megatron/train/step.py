@@ -1,0 +1,61 @@
+"""One training step on megatron-core: its DDP wrapper, its pipeline schedules and its grad
+finalisation. Micro-batches are dicts of `tokens`, `labels`, `loss_mask` ([b, s] tensors)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
+
+
+def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
+    """megatron-core DDP: contiguous fp32 grad buffers for the trainable parameters only."""
+    config = get_model_config(model)
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                      use_distributed_optimizer=False),
+        module=model,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
+    output = model(tokens, position_ids, None, labels=batch["labels"])
+    loss_mask = batch["loss_mask"].float()
+
+    def loss_func(per_token_loss):
+        # Mean over this micro-batch's loss tokens; the schedule averages micro-batches.
+        loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+        return loss, {"lm_loss": loss.detach().clone()}  # the schedule divides loss in place
+
+    return output, loss_func
+
+
+def forward_backward(model, micro_batches: Iterable[dict], num_microbatches: int,
+                     seq_length: int, micro_batch_size: int, forward_only: bool = False):
+    """Runs megatron-core's schedule for this rank's micro-batches; on the last pipeline stage
+    returns the mean lm loss over them (None elsewhere). Gradients are finalised (DP/SP
+    all-reduces) unless `forward_only`."""
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iter(micro_batches),
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return torch.stack([d["lm_loss"] for d in losses]).mean()

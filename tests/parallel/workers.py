@@ -1,0 +1,110 @@
+"""Code that runs inside spawned gloo ranks (importable by torch.multiprocessing's children)."""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                  max_position_embeddings=64)
+TINY_PESC = dict(num_experts=4, topk=2, adapter_dim=16, adapter_scaling=0.5,
+                 adapter_dropout=0.0, aux_loss_coeff=0.01, z_loss_coeff=0.001)
+SEQ, GLOBAL_BATCH = 8, 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        fn(*args)
+    except Exception:
+        traceback.print_exc()
+        raise
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Runs fn(*args) on `world` local gloo ranks (env as torchrun sets it)."""
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, TINY_MODEL["vocab_size"], (GLOBAL_BATCH, SEQ + 1), generator=g)
+    mask = torch.ones(GLOBAL_BATCH, SEQ)
+    mask[0, :3] = 0  # a prompt that carries no loss
+    return [dict(tokens=tokens[i:i + 1, :-1], labels=tokens[i:i + 1, 1:],
+                 loss_mask=mask[i:i + 1]) for i in range(GLOBAL_BATCH)]
+
+
+def parity_worker(layout: dict, ckpt_dir: str, out_path: str) -> None:
+    """Builds the tiny PESC model at `layout`, loads (or, at the reference layout, creates and
+    saves) its weights, runs one forward/backward over the global batch and has rank 0 save
+    the loss and every trainable gradient keyed by its single-rank name."""
+    from megatron.core import dist_checkpointing, parallel_state as ps
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
+    from pesc_megatron.model.builder import build_model
+    from pesc_megatron.runtime.distributed import destroy, initialize
+    from pesc_megatron.train.step import forward_backward, wrap_ddp
+
+    layout = dict(layout)
+    dispatcher = layout.pop("dispatcher", "alltoall")
+    par = ParallelConfig(**layout)
+    initialize(par, seed=7)
+    pesc = PESCConfig(**{**TINY_PESC, "dispatcher": dispatcher})
+    model = build_model(ModelConfig(**TINY_MODEL), pesc, par)
+    reference = not os.path.exists(ckpt_dir)
+    if reference:  # non-zero adapters so that every trainable tensor has a gradient
+        assert dist.get_world_size() == 1
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.2)
+        os.makedirs(ckpt_dir)
+        dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
+    else:
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir))
+    ddp = wrap_ddp(model)
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = global_batch()[dp_rank * GLOBAL_BATCH // dp:(dp_rank + 1) * GLOBAL_BATCH // dp]
+    loss = forward_backward(ddp, mine, len(mine), SEQ, 1)
+    if loss is not None:
+        dist.all_reduce(loss, group=ps.get_data_parallel_group())
+        loss = (loss / dp).item()
+
+    offset = get_transformer_layer_offset(model.config)
+    n_local = pesc.num_experts // par.ep
+    grads = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")
+        parts[2] = str(int(parts[2]) + offset)  # decoder.layers.<L>
+        if "local_experts" in parts:
+            i = parts.index("local_experts") + 1
+            parts[i] = str(int(parts[i]) + ps.get_expert_model_parallel_rank() * n_local)
+        grads[".".join(parts)] = p.main_grad.detach().clone()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (loss, grads))
+    if dist.get_rank() == 0:
+        losses = [l for l, _ in gathered if l is not None]
+        merged = {}
+        for _, g in gathered:
+            for k, v in g.items():
+                merged.setdefault(k, v)
+        torch.save({"loss": losses[0], "grads": merged}, out_path)
+    destroy()
