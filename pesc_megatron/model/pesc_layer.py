@@ -88,7 +88,7 @@ class PESCMoELayer(MoELayer):
         self.adapter_scaling = config.pesc_adapter_scaling
         with torch.no_grad():
             _torch_linear_init(self.router.weight)
-        # Tokens routed to each expert since the last `pop_expert_load()` (for logging).
+        # Tokens this rank routed to each expert since last read (train.metrics.pop_expert_load).
         self.register_buffer(
             "expert_load", torch.zeros(config.num_moe_experts, dtype=torch.float64),
             persistent=False)
@@ -112,12 +112,3 @@ class PESCMoELayer(MoELayer):
         output = self.token_dispatcher.combine_postprocess(self.combine(output))
         return shared + self.adapter_scaling * output, None
 
-
-def pop_expert_load(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Per-layer routed-token counts accumulated since the last call, then reset to zero."""
-    loads = []
-    for module in model.modules():
-        if isinstance(module, PESCMoELayer):
-            loads.append(module.expert_load.clone())
-            module.expert_load.zero_()
-    return loads

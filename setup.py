@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="pesc-megatron",
+    version="0.1.0",
+    description="Parameter-efficient sparsity crafting (PESC) on megatron-core: dense LLMs into "
+                "mixture-of-adapter-experts models, tensor/sequence/expert/pipeline parallel.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pesc_megatron", "pesc_megatron.*"]),
+    install_requires=[
+        "torch>=2.4",
+        # 0.16 is the newest for Python 3.11; 0.17-0.19 are the NGC containers' (Python 3.12).
+        "megatron-core>=0.16.1,<0.20",
+        "numpy",
+        "pyyaml",
+        "psutil",  # megatron-core's dist_checkpointing writer processes need it
+        "transformers>=4.45",
+        "safetensors",
+        "sentencepiece",
+        "tensorboard",
+    ],
+    extras_require={
+        "te": ["transformer-engine[pytorch]>=2.0"],
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["pesc=pesc_megatron.cli:main"]},
+)
