@@ -1,0 +1,211 @@
+"""The PESC layer against an independent float64 implementation of the guide's formula, the
+crafted model against the dense model, and the load-balancing loss."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
+
+H, FFN, E = 32, 48, 4
+MODEL = ModelConfig(hidden_size=H, intermediate_size=FFN, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+
+
+def make_layer(**pesc):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from pesc_megatron.model.builder import transformer_config
+    from pesc_megatron.model.spec import pesc_mlp_spec
+
+    cfg = transformer_config(MODEL, PESCConfig(**{"num_experts": E, "adapter_dim": 8,
+                                                  "adapter_dropout": 0.0, **pesc}),
+                             ParallelConfig())
+    layer = build_module(pesc_mlp_spec(), config=cfg)
+    layer.set_layer_number(1)
+    return layer
+
+
+def reference_pesc(layer, x, routing, renormalize, k, scaling):
+    """The guide's formula in float64, one expert at a time, from the layer's weights."""
+    x = x.double()
+    w1 = layer.shared_experts.linear_fc1.weight.double()
+    gate, up = w1.chunk(2, dim=0)
+    f = (F.silu(x @ gate.T) * (x @ up.T)) @ layer.shared_experts.linear_fc2.weight.double().T
+    logits = x @ layer.router.weight.double().T
+    if routing == "topk_softmax":
+        top, idx = logits.topk(k, dim=-1)
+        w = top.softmax(-1)
+    else:
+        p = logits.softmax(-1)
+        w, idx = p.topk(k, dim=-1)
+        if renormalize:
+            w = w / w.sum(-1, keepdim=True)
+    y = f.clone()
+    for j, expert in enumerate(layer.experts.local_experts):
+        a = F.gelu(f @ expert.linear_fc1.weight.double().T) @ expert.linear_fc2.weight.double().T
+        weight = (w * (idx == j)).sum(-1, keepdim=True)  # 0 where j was not chosen
+        y = y + scaling * weight * a
+    return y
+
+
+@pytest.mark.parametrize("routing,renormalize", [("topk_softmax", True),
+                                                 ("softmax_topk", False),
+                                                 ("softmax_topk", True)])
+def test_layer_matches_float64_formula(single_rank, routing, renormalize):
+    torch.manual_seed(0)
+    layer = make_layer(routing=routing, renormalize=renormalize, topk=2, adapter_scaling=0.25)
+    with torch.no_grad():
+        for expert in layer.experts.local_experts:  # non-zero adapters
+            expert.linear_fc2.weight.normal_(0, 0.5)
+    x = torch.randn(10, 3, H)
+    y, bias = layer(x)
+    assert bias is None
+    want = reference_pesc(layer, x.reshape(-1, H), routing, renormalize, 2, 0.25)
+    torch.testing.assert_close(y.reshape(-1, H).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_routing_orders_differ_without_renormalisation(single_rank):
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, H)
+    outs = []
+    for routing, renorm in [("topk_softmax", True), ("softmax_topk", False)]:
+        torch.manual_seed(1)
+        layer = make_layer(routing=routing, renormalize=renorm)
+        with torch.no_grad():
+            for expert in layer.experts.local_experts:
+                expert.linear_fc2.weight.normal_(0, 0.5)
+        outs.append(layer(x)[0])
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_fresh_layer_is_the_frozen_ffn(single_rank):
+    layer = make_layer()
+    x = torch.randn(7, 2, H)
+    y, _ = layer(x)
+    assert torch.equal(y, layer.shared_experts(x))
+
+
+def test_init_is_torch_linear_default(single_rank):
+    layer = make_layer()
+    bound = 1 / math.sqrt(H)  # kaiming_uniform(a=sqrt(5)) on fan_in H
+    for w in [layer.router.weight] + [e.linear_fc1.weight for e in layer.experts.local_experts]:
+        assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
+    assert all(torch.count_nonzero(e.linear_fc2.weight) == 0
+               for e in layer.experts.local_experts)
+
+
+def test_crafted_model_gives_the_dense_models_logits(single_rank):
+    """PESC GPTModel (zero adapters) vs megatron-core's dense GPTModel with the same weights."""
+    import dataclasses
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from pesc_megatron.model.builder import build_model
+
+    torch.manual_seed(0)
+    pesc = build_model(MODEL, PESCConfig(num_experts=E, adapter_dim=8), ParallelConfig())
+    fields = {f.name: getattr(pesc.config, f.name)
+              for f in dataclasses.fields(TransformerConfig) if f.init}
+    fields.update(num_moe_experts=None, moe_ffn_hidden_size=None,
+                  moe_shared_expert_intermediate_size=None)
+    dense = GPTModel(config=TransformerConfig(**fields),
+                     transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                     vocab_size=MODEL.vocab_size,
+                     max_sequence_length=MODEL.max_position_embeddings,
+                     position_embedding_type="rope")
+    state = {k.replace("mlp.shared_experts.", "mlp."): v
+             for k, v in pesc.state_dict().items()
+             if ".router." not in k and ".experts." not in k}
+    missing, unexpected = dense.load_state_dict(state, strict=False)
+    assert not unexpected and all("_extra_state" in k for k in missing)
+    tokens = torch.randint(0, MODEL.vocab_size, (2, 12))
+    pos = torch.arange(12).expand(2, 12)
+    pesc.eval(), dense.eval()
+    with torch.no_grad():
+        assert torch.equal(pesc(tokens, pos, None), dense(tokens, pos, None))
+
+
+def test_only_router_and_adapters_train(single_rank):
+    from pesc_megatron.model.builder import build_model
+    from pesc_megatron.train.step import wrap_ddp
+
+    model = build_model(MODEL, PESCConfig(num_experts=E, adapter_dim=8), ParallelConfig())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".mlp.router." in n or ".mlp.experts." in n for n in trainable)
+    assert len(trainable) == MODEL.num_hidden_layers * (1 + 2 * E)
+    ddp = wrap_ddp(model)
+    for name, p in model.named_parameters():
+        assert hasattr(p, "main_grad") == p.requires_grad, name
+    buffered = sum(b.numel for b in ddp.buffers + ddp.expert_parallel_buffers)
+    assert buffered == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _imbalance(layer, x):
+    with torch.no_grad():
+        probs, routing_map = layer.router(x)
+    f = routing_map.float().mean(0)
+    return (f.max() / f.mean()).item()
+
+
+def test_balancing_loss_is_switch_loss_and_its_gradient_balances(single_rank):
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+    )
+
+    torch.manual_seed(0)
+    alpha, k = 0.01, 2
+    layer = make_layer(aux_loss_coeff=alpha, topk=k, z_loss_coeff=0.0)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    x = torch.randn(512, 1, H) + 2.0 * torch.randn(H)  # a shared direction...
+    with torch.no_grad():  # ...that the router sends to expert 0
+        layer.router.weight[0] += 0.02 * x.mean((0, 1))
+    start = _imbalance(layer, x)
+    assert start > 1.9  # expert 0 takes every token (2.0 is the top-2 maximum)
+
+    # The logged loss is the guide's alpha * E * sum_i f_i P_i.
+    clear_aux_losses_tracker()
+    layer(x)
+    logits = x.reshape(-1, H) @ layer.router.weight.detach().T
+    idx = logits.topk(k, dim=-1).indices
+    f = torch.zeros(E).index_add_(0, idx.flatten(), torch.ones(idx.numel())) / idx.numel()
+    P = logits.softmax(-1).mean(0)
+    logged = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"][0]
+    torch.testing.assert_close(logged * alpha, alpha * E * (f * P).sum(), rtol=1e-5, atol=0)
+
+    # Gradient descent on the balancing loss alone (zero LM gradient) balances the router.
+    opt = torch.optim.SGD([layer.router.weight], lr=3.0)
+    for _ in range(20):
+        opt.zero_grad()
+        y, _ = layer(x)
+        (y * 0).sum().backward()
+        assert layer.router.weight.grad.norm() > 0
+        opt.step()
+    assert _imbalance(layer, x) < 1.3  # from ~2.0 (1.0 is perfectly balanced)
+
+
+def test_expert_load_counts_every_assignment(single_rank):
+    from pesc_megatron.train.metrics import load_imbalance, pop_expert_load
+
+    layer = make_layer(topk=2)
+    layer(torch.randn(20, 3, H))
+    load = pop_expert_load(layer, num_layers=1)
+    assert load.shape == (1, E) and abs(load.sum().item() - 1) < 1e-9
+    assert torch.count_nonzero(layer.expert_load) == 0  # popped
+    assert load_imbalance(load).item() >= 1.0
+
+
+def test_capacity_factor_drops_tokens(single_rank):
+    layer = make_layer(capacity_factor=0.5, topk=2)
+    with torch.no_grad():
+        layer.router.weight[0] += 5.0  # crowd one expert
+    x = torch.randn(64, 1, H).abs()
+    layer(x)
+    routed = layer.expert_load.sum().item()
+    assert routed < 64 * 2  # some assignments dropped
+    assert layer.expert_load.max().item() <= math.ceil(64 * 2 / E * 0.5)
