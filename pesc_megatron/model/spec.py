@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -16,6 +17,19 @@ from megatron.core.transformer.transformer_block import (
 
 from pesc_megatron.model.norm import SequenceParallelTorchNorm
 from pesc_megatron.model.pesc_layer import PESCAdapterExperts, PESCMoELayer
+
+
+class _DropUnknownMLPWarning(logging.Filter):
+    """TransformerLayer passes its process groups only to MLP classes it knows by identity and
+    warns for every other layer; PESCMoELayer then takes megatron-core's default groups, which
+    are the same ones. Drop that one warning so that it is not printed once per layer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
+    _DropUnknownMLPWarning())
 
 
 def pesc_mlp_spec(linear_col=ColumnParallelLinear, linear_row=RowParallelLinear) -> ModuleSpec:

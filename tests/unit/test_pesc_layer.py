@@ -140,8 +140,18 @@ def test_only_router_and_adapters_train(single_rank):
     ddp = wrap_ddp(model)
     for name, p in model.named_parameters():
         assert hasattr(p, "main_grad") == p.requires_grad, name
-    buffered = sum(b.numel for b in ddp.buffers + ddp.expert_parallel_buffers)
-    assert buffered == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(b.numel for b in ddp.buffers + ddp.expert_parallel_buffers) == n_trainable
+
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=0.0), [ddp])
+    for p in model.parameters():
+        if p.requires_grad:
+            p.main_grad.normal_()
+    opt.step()
+    states = [s for o in opt.chained_optimizers for s in o.optimizer.state.values()]
+    assert sum(s["exp_avg"].numel() for s in states) == n_trainable
 
 
 def _imbalance(layer, x):
