@@ -7,6 +7,7 @@ import sys
 from pesc_megatron.config import ConfigError
 
 COMMANDS = {
+    "convert": ("pesc_megatron.convert.cli", "Hugging Face <-> PESC checkpoints"),
     "demo": ("pesc_megatron.demo", "craft a small random model and train its experts (CPU)"),
     "bench": (None, "benchmarks: `pesc bench layer`"),
 }

@@ -33,6 +33,7 @@ class ModelConfig:
     vocab_size: int = 256
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
+    rope_scaling_factor: Optional[float] = None  # Llama 3.1-style (llama3) RoPE scaling
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases (Qwen2)

@@ -1,0 +1,112 @@
+"""PESC checkpoints: megatron-core `dist_checkpointing` weights plus the settings to rebuild
+the model, written atomically and loadable at any TP/PP/EP (megatron-core reshards on load).
+
+    CKPT/pesc.json       format, ModelConfig, PESCConfig, dtype
+    CKPT/hf_config.json  the source Hugging Face config (for export)
+    CKPT/weights/        dist_checkpointing (torch_dist)
+    CKPT/tokenizer/      the source tokenizer files
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from pesc_megatron.config import (
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    PESCConfig,
+    from_dict,
+    validate_layout,
+)
+
+FORMAT = "pesc-megatron/1"
+META, HF_CONFIG, WEIGHTS, TOKENIZER = "pesc.json", "hf_config.json", "weights", "tokenizer"
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+    model: ModelConfig
+    pesc: PESCConfig
+    dtype: str
+    hf_config: dict
+
+
+def read_info(ckpt: str | Path) -> CheckpointInfo:
+    ckpt = Path(ckpt)
+    meta_path = ckpt / META
+    if not meta_path.is_file():
+        raise ConfigError(f"{ckpt}: not a pesc-megatron checkpoint (no {META})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    hf_path = ckpt / HF_CONFIG
+    return CheckpointInfo(
+        model=from_dict(ModelConfig, meta["model"], f"{meta_path}: model."),
+        pesc=from_dict(PESCConfig, meta["pesc"], f"{meta_path}: pesc."),
+        dtype=meta["dtype"],
+        hf_config=json.loads(hf_path.read_text()) if hf_path.is_file() else {})
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(model, out: str | Path, info: CheckpointInfo, tokenizer_files=(),
+         force: bool = False) -> Path:
+    """Saves `model` (any parallel layout; called on every rank) into `out` atomically: all is
+    written to `out.partial` and renamed at the end, so `out` is never half-written."""
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    if _rank0():
+        if out.exists() and not force:
+            raise ConfigError(f"--out {out} exists (use --force to replace it)")
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / WEIGHTS).mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(partial / WEIGHTS))
+    if _rank0():
+        meta = dict(format=FORMAT, model=dataclasses.asdict(info.model),
+                    pesc=dataclasses.asdict(info.pesc), dtype=info.dtype)
+        (partial / META).write_text(json.dumps(meta, indent=2) + "\n")
+        (partial / HF_CONFIG).write_text(json.dumps(info.hf_config, indent=2) + "\n")
+        if tokenizer_files:
+            (partial / TOKENIZER).mkdir()
+            for f in tokenizer_files:
+                shutil.copy2(f, partial / TOKENIZER / Path(f).name)
+        old = out.with_name(out.name + ".old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return out
+
+
+def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None):
+    """Builds this rank's part of the model for `parallel` and loads the checkpoint into it.
+    Needs `runtime.distributed.initialize(parallel)` first. Returns (model, info)."""
+    from pesc_megatron.model.builder import build_model
+
+    ckpt = Path(ckpt)
+    info = read_info(ckpt)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    try:
+        validate_layout(info.model, info.pesc, parallel, world)
+    except ConfigError as e:
+        raise ConfigError(f"{ckpt}: {e}") from None
+    model = build_model(info.model, info.pesc, parallel, dtype or info.dtype)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt / WEIGHTS))
+    model.load_state_dict(state)
+    return model, info

@@ -1,0 +1,49 @@
+"""`pesc convert hf-to-pesc | pesc-to-hf`."""
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pesc convert",
+                                 description="Convert between Hugging Face and PESC checkpoints.")
+    sub = ap.add_subparsers(dest="direction", required=True)
+
+    a = sub.add_parser("hf-to-pesc", help="Hugging Face dense or Camelidae folder -> PESC "
+                       "megatron-core checkpoint (loadable at any TP/PP/EP)")
+    a.add_argument("--hf", required=True, help="Hugging Face model folder")
+    a.add_argument("--out", required=True, help="checkpoint folder to create")
+    a.add_argument("--num-experts", type=int)
+    a.add_argument("--topk", type=int)
+    a.add_argument("--adapter-dim", type=int)
+    a.add_argument("--adapter-scaling", type=float)
+    a.add_argument("--adapter-dropout", type=float)
+    a.add_argument("--routing", choices=["topk_softmax", "softmax_topk"])
+    a.add_argument("--renormalize", action=argparse.BooleanOptionalAction, default=None)
+    a.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    a.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    b = sub.add_parser("pesc-to-hf", help="PESC checkpoint -> Hugging Face folder (Camelidae "
+                       "layout, loadable with transformers)")
+    b.add_argument("--ckpt", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--format", choices=["camelidae", "dense"], default="camelidae",
+                   help="dense: the source architecture without experts (adapters must be 0)")
+    b.add_argument("--max-shard-gb", type=float, default=5.0)
+    b.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = ap.parse_args(argv)
+
+    if args.direction == "hf-to-pesc":
+        from pesc_megatron.convert.hf_to_pesc import convert
+
+        pesc = {k: getattr(args, k) for k in ("num_experts", "topk", "adapter_dim",
+                                              "adapter_scaling", "adapter_dropout", "routing",
+                                              "renormalize") if getattr(args, k) is not None}
+        out = convert(args.hf, args.out, pesc, dtype=args.dtype, force=args.force)
+    else:
+        from pesc_megatron.convert.pesc_to_hf import export
+
+        out = export(args.ckpt, args.out, fmt=args.format, force=args.force,
+                     max_shard_gb=args.max_shard_gb)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,167 @@
+"""Declarative weight mapping between Hugging Face decoders and the megatron-core PESC model.
+
+One table per architecture: each rule names a megatron-core tensor, the Hugging Face tensors it
+is made of and how (`copy`, `qkv`: q/k/v fused per query group as megatron-core's linear_qkv,
+`gate_up`: gate and up stacked as linear_fc1). `{L}` is a layer index, `{E}` an expert index.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pesc_megatron.config import ConfigError, ModelConfig, PESCConfig
+
+
+@dataclass(frozen=True)
+class Rule:
+    megatron: str
+    hf: tuple[str, ...]
+    kind: str = "copy"
+
+
+_ATTN = "model.layers.{L}.self_attn."
+_MLP = "model.layers.{L}.mlp."
+_DEC = "decoder.layers.{L}."
+
+DENSE_RULES = (
+    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
+    Rule(_DEC + "input_layernorm.weight", ("model.layers.{L}.input_layernorm.weight",)),
+    Rule(_DEC + "self_attention.linear_qkv.weight",
+         (_ATTN + "q_proj.weight", _ATTN + "k_proj.weight", _ATTN + "v_proj.weight"), "qkv"),
+    Rule(_DEC + "self_attention.linear_proj.weight", (_ATTN + "o_proj.weight",)),
+    Rule(_DEC + "pre_mlp_layernorm.weight", ("model.layers.{L}.post_attention_layernorm.weight",)),
+    Rule(_DEC + "mlp.shared_experts.linear_fc1.weight",
+         (_MLP + "gate_proj.weight", _MLP + "up_proj.weight"), "gate_up"),
+    Rule(_DEC + "mlp.shared_experts.linear_fc2.weight", (_MLP + "down_proj.weight",)),
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    Rule("output_layer.weight", ("lm_head.weight",)),
+)
+QKV_BIAS_RULES = (
+    Rule(_DEC + "self_attention.linear_qkv.bias",
+         (_ATTN + "q_proj.bias", _ATTN + "k_proj.bias", _ATTN + "v_proj.bias"), "qkv"),
+)
+# The released Camelidae layout of the router and the adapter experts.
+PESC_RULES = (
+    Rule(_DEC + "mlp.router.weight", (_MLP + "moe_adapter.router.weight",)),
+    Rule(_DEC + "mlp.experts.local_experts.{E}.linear_fc1.weight",
+         (_MLP + "moe_adapter.experts.expert_{E}.adapter_down.weight",)),
+    Rule(_DEC + "mlp.experts.local_experts.{E}.linear_fc2.weight",
+         (_MLP + "moe_adapter.experts.expert_{E}.adapter_up.weight",)),
+)
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": DENSE_RULES,  # Llama 2/3, Yi, SmolLM
+    "MistralForCausalLM": DENSE_RULES,
+    "Qwen2ForCausalLM": DENSE_RULES + QKV_BIAS_RULES,
+    "CamelidaeForCausalLM": DENSE_RULES,  # + QKV_BIAS_RULES when its config says qkv_bias
+}
+
+
+def rules_for(architecture: str, model: ModelConfig, with_pesc: bool) -> list[Rule]:
+    rules = [r for r in ARCHITECTURES[architecture]
+             if not (r.megatron == "output_layer.weight" and model.tie_word_embeddings)]
+    if model.attention_bias and not any(r in rules for r in QKV_BIAS_RULES):
+        rules += QKV_BIAS_RULES
+    return rules + list(PESC_RULES if with_pesc else ())
+
+
+def expand(rules: list[Rule], num_layers: int, num_experts: int):
+    """Yields (megatron_name, hf_names, kind) for every concrete tensor."""
+    for rule in rules:
+        layers = range(num_layers) if "{L}" in rule.megatron else [None]
+        experts = range(num_experts) if "{E}" in rule.megatron else [None]
+        for layer in layers:
+            for expert in experts:
+                fmt = dict(L=layer, E=expert)
+                yield (rule.megatron.format(**fmt), tuple(h.format(**fmt) for h in rule.hf),
+                       rule.kind)
+
+
+def to_megatron(kind: str, tensors: list[torch.Tensor], model: ModelConfig) -> torch.Tensor:
+    if kind == "copy":
+        return tensors[0]
+    if kind == "gate_up":
+        return torch.cat(tensors, dim=0)
+    # qkv: per query group, that group's q heads then its k head then its v head.
+    q, k, v = tensors
+    groups, d = model.num_key_value_heads, model.head_dim
+    tail = q.shape[1:]
+    q = q.reshape(groups, -1, *tail)
+    k, v = k.reshape(groups, d, *tail), v.reshape(groups, d, *tail)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
+
+
+def to_hf(kind: str, tensor: torch.Tensor, model: ModelConfig) -> list[torch.Tensor]:
+    if kind == "copy":
+        return [tensor]
+    if kind == "gate_up":
+        return list(tensor.chunk(2, dim=0))
+    groups, d = model.num_key_value_heads, model.head_dim
+    per_group = model.num_attention_heads // groups * d
+    tail = tensor.shape[1:]
+    q, k, v = tensor.reshape(groups, per_group + 2 * d, *tail).split([per_group, d, d], dim=1)
+    return [x.reshape(-1, *tail).contiguous() for x in (q, k, v)]
+
+
+def _rope(cfg: dict, where: str) -> tuple[float, float | None]:
+    """(theta, llama3 scaling factor or None) from a transformers 4 or 5 config.json."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default")
+                                          != "default" else None)
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    if not scaling:
+        return float(theta), None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    llama31 = dict(low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+    if kind != "llama3" or any(float(scaling.get(k, -1)) != v for k, v in llama31.items()):
+        raise ConfigError(
+            f"{where}: rope scaling {scaling} is not supported (only llama3 scaling with "
+            "low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192)")
+    return float(theta), float(scaling["factor"])
+
+
+def read_hf_config(cfg: dict, where: str) -> tuple[str, ModelConfig, PESCConfig | None]:
+    """(architecture, ModelConfig, PESCConfig for Camelidae checkpoints else None)."""
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else None
+    if cfg.get("model_type") == "camelidae":
+        arch = "CamelidaeForCausalLM"
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"{where}: architecture {arch!r} (model_type "
+                          f"{cfg.get('model_type')!r}) is not supported; supported: "
+                          f"{', '.join(ARCHITECTURES)}")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: hidden_act={cfg['hidden_act']!r} is not supported (silu)")
+    if arch != "Qwen2ForCausalLM" and cfg.get("attention_bias"):
+        raise ConfigError(f"{where}: attention_bias=true (biases on q/k/v/o) is not supported")
+    if cfg.get("mlp_bias"):
+        raise ConfigError(f"{where}: mlp_bias=true is not supported")
+    theta, factor = _rope(cfg, where)
+    heads = cfg["num_attention_heads"]
+    model = ModelConfig(
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        vocab_size=cfg["vocab_size"],
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        rope_theta=theta,
+        rope_scaling_factor=factor,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("qkv_bias", False)),
+    )
+    pesc = None
+    if arch == "CamelidaeForCausalLM":
+        pesc = PESCConfig(
+            num_experts=cfg["num_experts"], topk=cfg["topk"], adapter_dim=cfg["adapter_dim"],
+            adapter_scaling=float(cfg["moe_scaling"]),
+            adapter_dropout=float(cfg.get("adapter_dropout", 0.1)),
+            adapter_activation=cfg.get("adapter_act", "gelu"),
+            routing=cfg.get("routing", "topk_softmax"),
+            renormalize=bool(cfg.get("renormalize", True)))
+    return arch, model, pesc

@@ -1,0 +1,112 @@
+"""PESC megatron-core checkpoint -> Hugging Face folder in the released Camelidae layout
+(or, for a model whose adapters are all zero, the plain dense architecture)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from pesc_megatron.config import ConfigError, ParallelConfig
+from pesc_megatron.convert import checkpoint
+from pesc_megatron.convert.mapping import expand, rules_for, to_hf
+
+MODELING_DIR = Path(__file__).parent / "hf_modeling"
+MODELING_FILES = ("configuration_camelidae.py", "modeling_camelidae.py")
+_TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def camelidae_config(info: checkpoint.CheckpointInfo) -> dict:
+    """The source model's config.json turned into the Camelidae one."""
+    cfg = {k: v for k, v in info.hf_config.items() if k not in ("auto_map", "architectures")}
+    p = info.pesc
+    cfg.update(
+        architectures=["CamelidaeForCausalLM"], model_type="camelidae",
+        auto_map={"AutoConfig": "configuration_camelidae.CamelidaeConfig",
+                  "AutoModelForCausalLM": "modeling_camelidae.CamelidaeForCausalLM"},
+        num_experts=p.num_experts, topk=p.topk, adapter_dim=p.adapter_dim,
+        moe_scaling=p.adapter_scaling, moe_dtype=_TORCH_DTYPE[info.dtype],
+        routing=p.routing, renormalize=p.renormalize, adapter_act=p.adapter_activation,
+        adapter_dropout=p.adapter_dropout, qkv_bias=info.model.attention_bias,
+        attention_bias=False, dtype=_TORCH_DTYPE[info.dtype])
+    return cfg
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: bool = False,
+           max_shard_gb: float = 5.0) -> Path:
+    """Writes `out` atomically (a `.partial` folder renamed at the end). Single process."""
+    from pesc_megatron.runtime.distributed import initialize
+
+    ckpt, out = Path(ckpt), Path(out)
+    if fmt not in ("camelidae", "dense"):
+        raise ConfigError(f"--format {fmt!r}: use camelidae or dense")
+    if out.exists() and not force:
+        raise ConfigError(f"--out {out} exists (use --force to replace it)")
+    info = checkpoint.read_info(ckpt)
+    if fmt == "dense" and not info.hf_config.get("architectures"):
+        raise ConfigError(f"{ckpt}: the source architecture is unknown; use --format camelidae")
+    initialize(ParallelConfig())
+    model, info = checkpoint.load(ckpt, ParallelConfig())
+    state = model.state_dict()
+    dense = fmt == "dense"
+    if dense:
+        live = [n for n, t in state.items() if ".linear_fc2." in n and ".experts." in n
+                and torch.count_nonzero(t)]
+        if live:
+            raise ConfigError(f"{ckpt}: adapters are not zero (e.g. {live[0]}); the dense "
+                              "format would drop them, use --format camelidae")
+    arch = "CamelidaeForCausalLM" if not dense else info.hf_config["architectures"][0]
+    tensors = {}
+    for mname, hf_names, kind in expand(rules_for(arch, info.model, with_pesc=not dense),
+                                        info.model.num_hidden_layers, info.pesc.num_experts):
+        for name, t in zip(hf_names, to_hf(kind, state[mname], info.model)):
+            tensors[name] = t.contiguous()
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    _write_shards(tensors, partial, int(max_shard_gb * 2**30))
+    config = dict(info.hf_config) if dense else camelidae_config(info)
+    if dense:
+        config["dtype"] = _TORCH_DTYPE[info.dtype]
+    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if not dense:
+        for f in MODELING_FILES:
+            shutil.copy2(MODELING_DIR / f, partial / f)
+    tokenizer = ckpt / checkpoint.TOKENIZER
+    if tokenizer.is_dir():
+        for f in tokenizer.iterdir():
+            shutil.copy2(f, partial / f.name)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(partial, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
