@@ -74,7 +74,7 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: boo
         raise ConfigError(f"{ckpt}: the source architecture is unknown; use --format camelidae")
     initialize(ParallelConfig())
     model, info = checkpoint.load(ckpt, ParallelConfig())
-    state = model.state_dict()
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     dense = fmt == "dense"
     if dense:
         live = [n for n, t in state.items() if ".linear_fc2." in n and ".experts." in n
