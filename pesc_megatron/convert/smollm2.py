@@ -135,6 +135,10 @@ def _build(src: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
     _tidy_tokenizer_config(out / "tokenizer_config.json", tokenizer)
     (out / MARKER).write_text(json.dumps(_source_id(src), indent=2) + "\n")
+    # mkdtemp (and the safetensors writer) leave owner-only modes; a cache is readable by all.
+    for path in out.iterdir():
+        path.chmod(0o644)
+    out.chmod(0o755)
 
 
 def _tidy_tokenizer_config(path: Path, tokenizer) -> None:
@@ -142,6 +146,8 @@ def _tidy_tokenizer_config(path: Path, tokenizer) -> None:
     class (loadable by transformers 4 and 5, where the GGUF loader writes 'TokenizersBackend'),
     8192-token max length, and the chat template inline too (older transformers read it there)."""
     cfg = json.loads(path.read_text())
+    for key in ("is_local", "local_files_only"):  # how it was loaded, not what it is
+        cfg.pop(key, None)
     cfg["tokenizer_class"] = "GPT2Tokenizer"
     cfg["model_max_length"] = 8192
     cfg["add_prefix_space"] = False
