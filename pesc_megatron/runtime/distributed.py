@@ -20,14 +20,15 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
     RANK is unset), megatron-core's process groups for `parallel`, and the RNG seeds."""
     cpu_backend.apply()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python ...`: a world of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        if "RANK" in os.environ:  # torchrun (or any env:// launcher)
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # plain `python ...`: a world of one, no TCP port needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
     if parallel_state.model_parallel_is_initialized():  # e.g. a second tool in one process
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -54,10 +55,3 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
