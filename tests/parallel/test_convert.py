@@ -101,7 +101,8 @@ def test_hf_to_pesc_to_hf_is_bit_exact(converted, kind, tmp_path):
         for f in hf.glob("*.safetensors"):
             original.update(load_file(f))
     for fmt in ("dense", "camelidae"):
-        export(ckpt, tmp_path / fmt, fmt=fmt)
+        export(ckpt, tmp_path / fmt, fmt=fmt, max_shard_gb=30e3 / 2**30)  # ~30 KB shards
+        assert len(list((tmp_path / fmt).glob("model-*-of-*.safetensors"))) > 1
         got = {}
         for f in (tmp_path / fmt).glob("*.safetensors"):
             got.update(load_file(f))
@@ -112,6 +113,8 @@ def test_hf_to_pesc_to_hf_is_bit_exact(converted, kind, tmp_path):
             assert extra == []
         else:
             assert extra and all(".mlp.moe_adapter." in n for n in extra), extra
+    index = json.loads((tmp_path / "camelidae" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(got)
     cfg = json.loads((tmp_path / "dense" / "config.json").read_text())
     assert cfg["architectures"] == json.loads((hf / "config.json").read_text())["architectures"]
 
