@@ -219,3 +219,20 @@ def test_capacity_factor_drops_tokens(single_rank):
     routed = layer.expert_load.sum().item()
     assert routed < 64 * 2  # some assignments dropped
     assert layer.expert_load.max().item() <= math.ceil(64 * 2 / E * 0.5)
+
+
+def test_adapter_dropout_rate_scale_and_gradient():
+    from pesc_megatron.model.pesc_layer import adapter_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(512, 999, requires_grad=True)  # odd size: the 16-bit draws need padding
+    y = adapter_dropout(x, 0.1)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    assert torch.equal(y[kept], torch.full_like(y[kept], scale))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() * scale)
+    torch.manual_seed(0)
+    assert torch.equal(adapter_dropout(x.detach(), 0.1), y.detach())  # seeded
+    assert torch.equal(adapter_dropout(x.detach(), 0.0), x.detach())
