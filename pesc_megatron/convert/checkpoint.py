@@ -54,6 +54,15 @@ def read_info(ckpt: str | Path) -> CheckpointInfo:
         hf_config=json.loads(hf_path.read_text()) if hf_path.is_file() else {})
 
 
+def publish(partial: Path, out: Path) -> None:
+    """Moves the finished folder `partial` to `out`, replacing an old `out` only at the end."""
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(partial, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -85,11 +94,7 @@ def save(model, out: str | Path, info: CheckpointInfo, tokenizer_files=(),
             (partial / TOKENIZER).mkdir()
             for f in tokenizer_files:
                 shutil.copy2(f, partial / TOKENIZER / Path(f).name)
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
+        publish(partial, out)
     _barrier()
     return out
 

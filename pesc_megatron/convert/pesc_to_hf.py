@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -104,9 +103,5 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: boo
     if tokenizer.is_dir():
         for f in tokenizer.iterdir():
             shutil.copy2(f, partial / f.name)
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(partial, out)
-    shutil.rmtree(old, ignore_errors=True)
+    checkpoint.publish(partial, out)
     return out

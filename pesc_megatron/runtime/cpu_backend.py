@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
