@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--micro-batches", type=int, default=4, help="per data-parallel rank")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--adapter-dim", type=int, default=32)
@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         loss = loss.item() / (dp * par.tp)
         aux = pop_router_losses(args.micro_batches).get("load_balancing_loss")
         imbalance = load_imbalance(pop_expert_load(model, MODEL.num_hidden_layers))
+        # lb_loss: E * sum_i f_i P_i averaged over layers, before the coefficient; 1.0 = uniform.
         row = dict(step=step, lm_loss=round(loss, 4),
-                   aux_loss=round(aux.mean().item(), 5) if aux is not None else None,
+                   lb_loss=round(aux.mean().item(), 5) if aux is not None else None,
                    max_load_over_mean=round(imbalance.mean().item(), 3),
                    step_time_s=round(time.perf_counter() - t0, 3))
         history.append(row)
