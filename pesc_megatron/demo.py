@@ -72,20 +72,20 @@ def main(argv: list[str] | None = None) -> int:
         f"top-{args.topk}, adapter {args.adapter_dim} | trainable {trainable:,} of {total:,} "
         f"parameters on rank 0")
 
-    # 1. A freshly crafted model is the dense model: adapters' W_up is zero.
-    probe = next(synthetic_batches(1, 1, args.seq, MODEL.vocab_size, seed=1))[0]
-    model.eval()
-    with torch.no_grad():
-        pos = torch.arange(args.seq).unsqueeze(0)
-        logits = model(probe["tokens"], pos, None)
-        for layer in model.modules():
-            if hasattr(layer, "adapter_scaling"):
+    # 1. A freshly crafted model is the dense model: adapters' W_up is zero. (Direct calls
+    # need the whole model on one stage, so with pipeline parallelism this check is skipped.)
+    if par.pp == 1:
+        probe = next(synthetic_batches(1, 1, args.seq, MODEL.vocab_size, seed=1))[0]
+        model.eval()
+        with torch.no_grad():
+            pos = torch.arange(args.seq).unsqueeze(0)
+            logits = model(probe["tokens"], pos, None)
+            layers = [m for m in model.modules() if hasattr(m, "adapter_scaling")]
+            for layer in layers:
                 layer.adapter_scaling, saved = 0.0, layer.adapter_scaling
-        dense = model(probe["tokens"], pos, None)
-        for layer in model.modules():
-            if hasattr(layer, "adapter_scaling"):
+            dense = model(probe["tokens"], pos, None)
+            for layer in layers:
                 layer.adapter_scaling = saved
-    if ps.is_pipeline_last_stage():
         say(f"crafted vs dense logits: max |diff| = {(logits - dense).abs().max().item():.1e}")
     pop_expert_load(model, MODEL.num_hidden_layers)
     pop_router_losses(1)
