@@ -1,0 +1,204 @@
+"""One tokenizer interface over a Hugging Face tokenizer folder and a sentencepiece `.model` file.
+
+    tok = load_tokenizer(path)     # HF folder, checkpoint folder with tokenizer/, or x.model
+    tok.encode(text)               # ids, never with special tokens
+    tok.encode_default(text)       # what `tokenizer(text).input_ids` gives (the plain-text rule)
+    tok.chat_segments(messages)    # [(ids, is_target)], concatenating to the rendered chat
+
+Chat rendering. A tokenizer with its own chat template (HF) renders through it; the targets are
+found by rendering incrementally: for each assistant message i, the ids of `messages[:i]` with
+the generation prompt, then of `messages[:i+1]`; the difference is that turn's content and its
+end of turn. The target is that difference up to and including its last EOS token (the
+template's end-of-turn, e.g. SmolLM2's `<|im_end|>`); what follows it (the `\\n` between turns)
+is not a target. Every rendering must extend the previous one token by token, so the
+concatenated segments are exactly `encode(template(messages))`; a template that is not
+incremental is a ChatTemplateError rather than a silently wrong mask.
+
+Without a template (sentencepiece always) the built-in ChatML-like template is used:
+`[BOS] <|im_start|>{role}\\n{content}[EOS] <|im_start|>{role}\\n{content}[EOS] ...`, the markers
+as plain text and the end of each turn as the EOS id (plain text cannot produce a control id);
+targets are the assistant contents and their EOS.
+
+In both, an assistant message with empty content (after stripping) is not a target.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+Segments = list  # list[tuple[list[int], bool]]: (ids, is_target)
+
+BUILTIN_TEMPLATE_VERSION = 1  # part of a tokenizer's identity: bump when the built-in changes
+ROLES = ("system", "user", "assistant")
+# Files that define an HF tokenizer; their bytes are its identity (model weights are not read).
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                       "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                       "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model")
+
+
+class ChatTemplateError(ValueError):
+    """The chat template failed on, or cannot be masked for, one conversation."""
+
+
+class Tokenizer:
+    """Common interface; `HFTokenizer` and `SentencePieceTokenizer` implement the encoding."""
+
+    kind = ""
+    bos_id: Optional[int] = None
+    eos_id: int = 0
+    pad_id: int = 0
+    vocab_size: int = 0
+    identity: str = ""  # hash of the tokenizer's files and kind: keys the token cache
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_default(self, text: str) -> list[int]:
+        """The tokenizer's default call, `tokenizer(text).input_ids` (with its special tokens)."""
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    @property
+    def has_chat_template(self) -> bool:
+        return False
+
+    def chat_segments(self, messages: list[dict], add_generation_prompt: bool = False) -> Segments:
+        """`messages` ({"role", "content"} dicts, already validated) as (ids, is_target) segments.
+        With `add_generation_prompt` the result ends with the assistant header (for inference)."""
+        return _builtin_chat(self, messages, add_generation_prompt)
+
+
+class HFTokenizer(Tokenizer):
+    kind = "hf"
+
+    def __init__(self, folder: str | os.PathLike):
+        from transformers import AutoTokenizer  # slow import: only when an HF tokenizer is used
+
+        self.path = Path(folder)
+        self.tok = AutoTokenizer.from_pretrained(str(folder))
+        self.bos_id = self.tok.bos_token_id
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"{folder}: the tokenizer defines no EOS token")
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(self.tok)
+        files = [self.path / n for n in _HF_TOKENIZER_FILES if (self.path / n).is_file()]
+        self.identity = _hash_files(files, f"hf/{BUILTIN_TEMPLATE_VERSION}")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_default(self, text: str) -> list[int]:
+        return list(self.tok(text).input_ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.tok.chat_template)
+
+    def chat_segments(self, messages: list[dict], add_generation_prompt: bool = False) -> Segments:
+        if not self.has_chat_template:
+            return _builtin_chat(self, messages, add_generation_prompt)
+        return _template_chat(self, messages, add_generation_prompt)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        """ids of the template's text for `messages` (specials come from the text, none added)."""
+        try:
+            text = self.tok.apply_chat_template(messages, tokenize=False,
+                                                add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja's own errors (e.g. "roles must alternate")
+            raise ChatTemplateError(f"chat template failed: {e}") from None
+        return self.encode(text)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+
+    def __init__(self, model_file: str | os.PathLike):
+        import sentencepiece
+
+        self.path = Path(model_file)
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        opt = lambda i: i if i >= 0 else None  # noqa: E731 (sentencepiece says -1 for "none")
+        self.bos_id = opt(self.sp.bos_id())
+        eos = opt(self.sp.eos_id())
+        if eos is None:
+            raise ValueError(f"{model_file}: the sentencepiece model defines no EOS (</s>) piece")
+        self.eos_id = eos
+        self.pad_id = next(i for i in (opt(self.sp.pad_id()), self.eos_id) if i is not None)
+        self.vocab_size = self.sp.get_piece_size()
+        self.identity = _hash_files([self.path], f"sentencepiece/{BUILTIN_TEMPLATE_VERSION}")
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_default(self, text: str) -> list[int]:
+        # As HF's sentencepiece-backed tokenizers (Llama) do by default: BOS, no EOS.
+        return ([self.bos_id] if self.bos_id is not None else []) + self.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(ids))
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A `.model` file -> sentencepiece; a folder with a `tokenizer/` subfolder (a checkpoint)
+    -> HF on that subfolder; another folder -> HF."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".model":
+        return SentencePieceTokenizer(p)
+    if p.is_dir():
+        sub = p / "tokenizer"
+        return HFTokenizer(sub if sub.is_dir() else p)
+    raise FileNotFoundError(f"tokenizer not found: {path} (want an HF folder or a .model file)")
+
+
+def _hash_files(files: list[Path], kind: str) -> str:
+    h = hashlib.sha256(kind.encode())
+    for f in sorted(files):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _builtin_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool) -> Segments:
+    segs: Segments = [([tok.bos_id], False)] if tok.bos_id is not None else []
+    for m in messages:
+        segs.append((tok.encode(f"<|im_start|>{m['role']}\n"), False))
+        is_target = m["role"] == "assistant" and bool(m["content"].strip())
+        segs.append((tok.encode(m["content"]) + [tok.eos_id], is_target))
+    if add_generation_prompt:
+        segs.append((tok.encode("<|im_start|>assistant\n"), False))
+    return segs
+
+
+def _template_chat(tok: HFTokenizer, messages: list[dict], add_generation_prompt: bool) -> Segments:
+    segs: Segments = []
+    done: list[int] = []  # ids rendered so far; every later rendering must extend them
+
+    def extend(ids: list[int], upto: int) -> list[int]:
+        if ids[:len(done)] != done:
+            raise ChatTemplateError(f"chat template is not incremental at message {upto}: the "
+                                    "rendering of the earlier messages is not a token prefix")
+        return ids[len(done):]
+
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = tok.render(messages[:i], add_generation_prompt=True)
+        segs.append((extend(prompt, i), False))
+        done = prompt
+        full = tok.render(messages[:i + 1], add_generation_prompt=False)
+        turn = extend(full, i)
+        # The target ends with the turn's last EOS; the rest (e.g. "\n") is template glue.
+        ends = [j for j, t in enumerate(turn) if t == tok.eos_id]
+        cut = ends[-1] + 1 if ends else len(turn)
+        segs += [(turn[:cut], bool(m["content"].strip())), (turn[cut:], False)]
+        done = full
+    final = tok.render(messages, add_generation_prompt=add_generation_prompt)
+    segs.append((extend(final, len(messages)), False))
+    return [(ids, t) for ids, t in segs if ids]
