@@ -66,8 +66,10 @@ def adapter_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 class PESCAdapterExperts(SequentialMLP):
     """The local adapter experts; W_up is zero at init so a crafted model equals the dense one."""
 
-    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
-        super().__init__(num_local_experts, adapter_config(config), submodules, pg_collection)
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, **kwargs):
+        # **kwargs: arguments newer megatron-core releases add (0.19: `name`).
+        super().__init__(num_local_experts, adapter_config(config), submodules, pg_collection,
+                         **kwargs)
         self.dropout = config.pesc_adapter_dropout
         # megatron-core marks expert weights for the expert-data-parallel reduction only when
         # ep > 1; with ep == 1 and etp < tp they are replicated over tensor-parallel ranks that
@@ -96,9 +98,10 @@ class PESCMoELayer(MoELayer):
     """megatron-core's MoELayer with PESC's data flow (see the module docstring)."""
 
     def __init__(self, config: PESCTransformerConfig, submodules=None, layer_number=None,
-                 pg_collection=None):
+                 pg_collection=None, **kwargs):
         assert config.moe_shared_expert_intermediate_size is not None, "PESC needs the shared FFN"
-        super().__init__(config, submodules, layer_number, pg_collection)
+        # **kwargs: arguments newer megatron-core releases add (0.19: is_mtp_layer, name).
+        super().__init__(config, submodules, layer_number, pg_collection, **kwargs)
         self.adapter_scaling = config.pesc_adapter_scaling
         with torch.no_grad():
             _torch_linear_init(self.router.weight)
