@@ -14,7 +14,7 @@ setup(
         "numpy",
         "pyyaml",
         "psutil",  # megatron-core's dist_checkpointing writer processes need it
-        "transformers>=4.45",
+        "transformers>=5",  # the exported Camelidae modeling code uses transformers 5 APIs
         "safetensors",
         "sentencepiece",
         "tensorboard",

@@ -3,8 +3,10 @@ transformers' Auto classes, so exported models load without trust_remote_code.""
 __version__ = "0.1.0"
 
 try:
-    from pesc_megatron.convert.hf_modeling import register_auto_classes as _register
-except ImportError:  # transformers missing: conversion and export are unavailable
+    import transformers  # noqa: F401
+except ModuleNotFoundError:  # conversion and export need transformers; the rest does not
     pass
 else:
-    _register()
+    from pesc_megatron.convert.hf_modeling import register_auto_classes
+
+    register_auto_classes()

@@ -15,7 +15,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig, validate_layout
 from pesc_megatron.model.builder import build_model
-from pesc_megatron.runtime.distributed import destroy, initialize
+from pesc_megatron.runtime.distributed import destroy, device, initialize
 from pesc_megatron.train.metrics import load_imbalance, pop_expert_load, pop_router_losses
 from pesc_megatron.train.step import forward_backward, wrap_ddp
 
@@ -78,12 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         probe = next(synthetic_batches(1, 1, args.seq, MODEL.vocab_size, seed=1))[0]
         model.eval()
         with torch.no_grad():
-            pos = torch.arange(args.seq).unsqueeze(0)
-            logits = model(probe["tokens"], pos, None)
+            tokens = probe["tokens"].to(device())
+            pos = torch.arange(args.seq, device=device()).unsqueeze(0)
+            logits = model(tokens, pos, None)
             layers = [m for m in model.modules() if hasattr(m, "adapter_scaling")]
             for layer in layers:
                 layer.adapter_scaling, saved = 0.0, layer.adapter_scaling
-            dense = model(probe["tokens"], pos, None)
+            dense = model(tokens, pos, None)
             for layer in layers:
                 layer.adapter_scaling = saved
         say(f"crafted vs dense logits: max |diff| = {(logits - dense).abs().max().item():.1e}")
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = forward_backward(ddp, mine, args.micro_batches, args.seq, 1)
         opt.step()
         # The loss lives on the last pipeline stage; average it over data-parallel ranks.
-        loss = torch.zeros(1) if loss is None else loss.reshape(1)
+        loss = torch.zeros(1, device=device()) if loss is None else loss.reshape(1)
         dist.all_reduce(loss)
         loss = loss.item() / (dp * par.tp)
         aux = pop_router_losses(args.micro_batches).get("load_balancing_loss")

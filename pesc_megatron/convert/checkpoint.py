@@ -8,10 +8,12 @@ the model, written atomically and loadable at any TP/PP/EP (megatron-core reshar
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch.distributed as dist
@@ -54,13 +56,39 @@ def read_info(ckpt: str | Path) -> CheckpointInfo:
         hf_config=json.loads(hf_path.read_text()) if hf_path.is_file() else {})
 
 
+def check_out(out: Path, force: bool, source: Path | None = None) -> None:
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise ConfigError(f"--out {out} is the input itself; choose another folder")
+    if out.exists() and not force:
+        raise ConfigError(f"--out {out} exists (use --force to replace it)")
+
+
+def _new_partial(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+
+
 def publish(partial: Path, out: Path) -> None:
     """Moves the finished folder `partial` to `out`, replacing an old `out` only at the end."""
-    old = out.with_name(out.name + ".old")
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by an earlier interrupted replacement
     if out.exists():
         os.replace(out, old)
     os.replace(partial, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged(out: Path):
+    """Yields a fresh folder beside `out` (single process); it becomes `out` when the block
+    succeeds and is removed when it fails, so `out` is never half-written."""
+    partial = _new_partial(out)
+    try:
+        yield partial
+        publish(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def _rank0() -> bool:
@@ -75,33 +103,41 @@ def _barrier() -> None:
 def save(model, out: str | Path, info: CheckpointInfo, tokenizer_files=(),
          force: bool = False) -> Path:
     """Saves `model` (any parallel layout; called on every rank) into `out` atomically: all is
-    written to `out.partial` and renamed at the end, so `out` is never half-written."""
+    written to a fresh folder beside it, renamed at the end, so `out` is never half-written."""
     out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    if _rank0():
-        if out.exists() and not force:
-            raise ConfigError(f"--out {out} exists (use --force to replace it)")
-        shutil.rmtree(partial, ignore_errors=True)
-        (partial / WEIGHTS).mkdir(parents=True)
-    _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(partial / WEIGHTS))
-    if _rank0():
-        meta = dict(format=FORMAT, model=dataclasses.asdict(info.model),
-                    pesc=dataclasses.asdict(info.pesc), dtype=info.dtype)
-        (partial / META).write_text(json.dumps(meta, indent=2) + "\n")
-        (partial / HF_CONFIG).write_text(json.dumps(info.hf_config, indent=2) + "\n")
-        if tokenizer_files:
-            (partial / TOKENIZER).mkdir()
-            for f in tokenizer_files:
-                shutil.copy2(f, partial / TOKENIZER / Path(f).name)
-        publish(partial, out)
+    check_out(out, force)  # on every rank (shared file system), before any collective
+    name = [str(_new_partial(out)) if _rank0() else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(name, src=0)
+    partial = Path(name[0])
+    try:
+        if _rank0():
+            (partial / WEIGHTS).mkdir()
+        _barrier()
+        dist_checkpointing.save(model.sharded_state_dict(), str(partial / WEIGHTS))
+        if _rank0():
+            meta = dict(format=FORMAT, model=dataclasses.asdict(info.model),
+                        pesc=dataclasses.asdict(info.pesc), dtype=info.dtype)
+            (partial / META).write_text(json.dumps(meta, indent=2) + "\n")
+            (partial / HF_CONFIG).write_text(json.dumps(info.hf_config, indent=2) + "\n")
+            if tokenizer_files:
+                (partial / TOKENIZER).mkdir()
+                for f in tokenizer_files:
+                    shutil.copy2(f, partial / TOKENIZER / Path(f).name)
+            publish(partial, out)
+    except BaseException:
+        if _rank0():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     _barrier()
     return out
 
 
-def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None):
+def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
+         initialize: bool = False):
     """Builds this rank's part of the model for `parallel` and loads the checkpoint into it.
-    Needs `runtime.distributed.initialize(parallel)` first. Returns (model, info)."""
+    Needs `runtime.distributed.initialize(parallel)` first. Returns (model, info). The random
+    init is skipped (`initialize=False`): every weight comes from the checkpoint."""
     from pesc_megatron.model.builder import build_model
 
     ckpt = Path(ckpt)
@@ -111,7 +147,8 @@ def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None):
         validate_layout(info.model, info.pesc, parallel, world)
     except ConfigError as e:
         raise ConfigError(f"{ckpt}: {e}") from None
-    model = build_model(info.model, info.pesc, parallel, dtype or info.dtype)
+    model = build_model(info.model, info.pesc, parallel, dtype or info.dtype,
+                        initialize=initialize)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt / WEIGHTS))
     model.load_state_dict(state)
     return model, info

@@ -83,8 +83,7 @@ def convert(hf_dir: str | Path, out: str | Path, pesc: dict | None = None, dtype
     from pesc_megatron.runtime.distributed import initialize
 
     hf_dir, out = Path(hf_dir), Path(out)
-    if out.exists() and not force:
-        raise ConfigError(f"--out {out} exists (use --force to replace it)")
+    checkpoint.check_out(out, force, source=hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
@@ -98,7 +97,8 @@ def convert(hf_dir: str | Path, out: str | Path, pesc: dict | None = None, dtype
     weights = HFWeights(hf_dir)  # fails early on missing shards
 
     initialize(ParallelConfig())
-    model = build_model(model_cfg, pesc_cfg, ParallelConfig(), dtype)
+    # No random init of the base: every dense weight is overwritten below.
+    model = build_model(model_cfg, pesc_cfg, ParallelConfig(), dtype, initialize=False)
     params = dict(model.named_parameters())
     crafted = arch != "CamelidaeForCausalLM"
     used = set()

@@ -6,6 +6,7 @@ is made of and how (`copy`, `qkv`: q/k/v fused per query group as megatron-core'
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -107,8 +108,9 @@ def to_hf(kind: str, tensor: torch.Tensor, model: ModelConfig) -> list[torch.Ten
 def _rope(cfg: dict, where: str) -> tuple[float, float | None]:
     """(theta, llama3 scaling factor or None) from a transformers 4 or 5 config.json."""
     params = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default")
-                                          != "default" else None)
+    scaling = cfg.get("rope_scaling") or params
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     if not scaling:
         return float(theta), None
@@ -124,6 +126,13 @@ def _rope(cfg: dict, where: str) -> tuple[float, float | None]:
 
 def read_hf_config(cfg: dict, where: str) -> tuple[str, ModelConfig, PESCConfig | None]:
     """(architecture, ModelConfig, PESCConfig for Camelidae checkpoints else None)."""
+    try:
+        return _read_hf_config(cfg, where)
+    except KeyError as e:
+        raise ConfigError(f"{where}: required key {e} is missing") from None
+
+
+def _read_hf_config(cfg: dict, where: str) -> tuple[str, ModelConfig, PESCConfig | None]:
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None
     if cfg.get("model_type") == "camelidae":
@@ -139,6 +148,10 @@ def read_hf_config(cfg: dict, where: str) -> tuple[str, ModelConfig, PESCConfig 
     if cfg.get("mlp_bias"):
         raise ConfigError(f"{where}: mlp_bias=true is not supported")
     theta, factor = _rope(cfg, where)
+    window = cfg.get("sliding_window")
+    if window and (arch != "Qwen2ForCausalLM" or cfg.get("use_sliding_window")):
+        warnings.warn(f"{where}: sliding_window={window} is not applied: sequences longer than "
+                      f"{window} tokens attend to their whole prefix, unlike the source model")
     heads = cfg["num_attention_heads"]
     model = ModelConfig(
         hidden_size=cfg["hidden_size"],

@@ -66,13 +66,12 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: boo
     ckpt, out = Path(ckpt), Path(out)
     if fmt not in ("camelidae", "dense"):
         raise ConfigError(f"--format {fmt!r}: use camelidae or dense")
-    if out.exists() and not force:
-        raise ConfigError(f"--out {out} exists (use --force to replace it)")
+    checkpoint.check_out(out, force, source=ckpt)
     info = checkpoint.read_info(ckpt)
     if fmt == "dense" and not info.hf_config.get("architectures"):
         raise ConfigError(f"{ckpt}: the source architecture is unknown; use --format camelidae")
     initialize(ParallelConfig())
-    model, info = checkpoint.load(ckpt, ParallelConfig())
+    model, info = checkpoint.load(ckpt, ParallelConfig(), initialize=False)
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     dense = fmt == "dense"
     if dense:
@@ -88,20 +87,17 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: boo
         for name, t in zip(hf_names, to_hf(kind, state[mname], info.model)):
             tensors[name] = t.contiguous()
 
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    _write_shards(tensors, partial, int(max_shard_gb * 2**30))
     config = dict(info.hf_config) if dense else camelidae_config(info)
-    if dense:
-        config["dtype"] = _TORCH_DTYPE[info.dtype]
-    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if not dense:
-        for f in MODELING_FILES:
-            shutil.copy2(MODELING_DIR / f, partial / f)
-    tokenizer = ckpt / checkpoint.TOKENIZER
-    if tokenizer.is_dir():
-        for f in tokenizer.iterdir():
-            shutil.copy2(f, partial / f.name)
-    checkpoint.publish(partial, out)
+    config.pop("torch_dtype", None)  # transformers 5 reads `dtype`
+    config["dtype"] = _TORCH_DTYPE[info.dtype]
+    with checkpoint.staged(out) as partial:
+        _write_shards(tensors, partial, int(max_shard_gb * 2**30))
+        (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if not dense:
+            for f in MODELING_FILES:
+                shutil.copy2(MODELING_DIR / f, partial / f)
+        tokenizer = ckpt / checkpoint.TOKENIZER
+        if tokenizer.is_dir():
+            for f in tokenizer.iterdir():
+                shutil.copy2(f, partial / f.name)
     return out

@@ -15,8 +15,10 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 
 
 def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
-                       dtype: str = "fp32") -> PESCTransformerConfig:
-    """The single megatron-core config for the model (Llama-family defaults: no dropout)."""
+                       dtype: str = "fp32", initialize: bool = True) -> PESCTransformerConfig:
+    """The single megatron-core config for the model (Llama-family defaults: no dropout).
+    `initialize=False` skips the random init of the frozen base (it is about to be loaded);
+    routers and adapters are always initialised (see pesc_layer)."""
     validate_layout(model, pesc, parallel)
     params_dtype = _DTYPES[dtype]
     return PESCTransformerConfig(
@@ -38,6 +40,7 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=initialize,
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         expert_model_parallel_size=parallel.ep,
@@ -63,11 +66,11 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
 
 def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
                 dtype: str = "fp32", pre_process: bool | None = None,
-                post_process: bool | None = None) -> GPTModel:
+                post_process: bool | None = None, initialize: bool = True) -> GPTModel:
     """One pipeline stage of the PESC GPTModel, frozen except router and adapters.
 
     Needs `parallel_state` initialised with the same layout (see runtime.initialize)."""
-    config = transformer_config(model, pesc, parallel, dtype)
+    config = transformer_config(model, pesc, parallel, dtype, initialize)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
@@ -81,10 +84,12 @@ def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
         post_process=post_process,
         share_embeddings_and_output_weights=model.tie_word_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(model.rope_theta),
+        rotary_base=model.rope_theta,
         rope_scaling=model.rope_scaling_factor is not None,
         rope_scaling_factor=model.rope_scaling_factor or 8.0,
     )
+    if torch.cuda.is_available():  # torch norms and buffers are made on the CPU
+        gpt.cuda(torch.cuda.current_device())
     freeze_base(gpt)
     return gpt
 

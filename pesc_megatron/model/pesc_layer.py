@@ -84,14 +84,14 @@ class PESCAdapterExperts(SequentialMLP):
                 _torch_linear_init(expert.linear_fc1.weight)
                 expert.linear_fc2.weight.zero_()
 
-    def forward(self, hidden_states, tokens_per_expert, permuted_probs):
+    def forward(self, hidden_states, tokens_per_expert, permuted_probs, **kwargs):
         # Each (token, expert) pair is its own row here, so every expert draws its own mask.
         if self.training and self.dropout > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork(
                 tensor_parallel.get_expert_parallel_rng_tracker_name()
             ):
                 hidden_states = adapter_dropout(hidden_states, self.dropout)
-        return super().forward(hidden_states, tokens_per_expert, permuted_probs)
+        return super().forward(hidden_states, tokens_per_expert, permuted_probs, **kwargs)
 
 
 class PESCMoELayer(MoELayer):
@@ -103,6 +103,9 @@ class PESCMoELayer(MoELayer):
         # **kwargs: arguments newer megatron-core releases add (0.19: is_mtp_layer, name).
         super().__init__(config, submodules, layer_number, pg_collection, **kwargs)
         self.adapter_scaling = config.pesc_adapter_scaling
+        # The router is trained in fp32 whatever the model's dtype (megatron-core would keep its
+        # weight in params_dtype and only compute the logits in fp32).
+        self.router.weight.data = self.router.weight.data.float()
         with torch.no_grad():
             _torch_linear_init(self.router.weight)
         # Tokens this rank routed to each expert since last read (train.metrics.pop_expert_load).

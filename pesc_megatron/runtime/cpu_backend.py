@@ -103,6 +103,7 @@ def _tracker_add(self, name, seed):
     torch.manual_seed(seed)
     self.states_[name] = torch.get_rng_state()
     torch.set_rng_state(orig)
+    self._is_initialized = True
 
 
 @contextlib.contextmanager
@@ -171,8 +172,9 @@ PATCHES: list[Patch] = [
     Patch("megatron.core.tensor_parallel.random:CudaRNGStatesTracker.fork",
           "fork() warns whenever the CPU generator changes, which on CPU is every fork",
           _const(_tracker_fork)),
-    Patch("megatron.core.tensor_parallel.mappings:torch.distributed.all_to_all_single",
-          "the alltoall dispatcher passes split sizes as tensors, which gloo rejects",
+    Patch("torch.distributed:all_to_all_single",
+          "megatron-core's all_to_all (alltoall dispatcher) passes split sizes as tensors, "
+          "which gloo rejects",
           _all_to_all_with_list_splits),
 ]
 

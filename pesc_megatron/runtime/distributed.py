@@ -40,6 +40,13 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
     set_seed(seed)
 
 
+def device() -> torch.device:
+    """Where this rank's model and batches live: its GPU under NCCL, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def set_seed(seed: int) -> None:
     """Seeds as Megatron-LM does: pipeline stages differ, the model-parallel RNG tracker forks
     per tensor/expert rank."""

@@ -11,6 +11,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from pesc_megatron.model.pesc_layer import PESCMoELayer
+from pesc_megatron.runtime.distributed import device
 
 
 def pop_router_losses(num_microbatches: int) -> dict[str, torch.Tensor]:
@@ -36,15 +37,16 @@ def pop_expert_load(model: torch.nn.Module, num_layers: int) -> torch.Tensor:
     counts = None
     for layer in layers:
         if counts is None:
-            counts = torch.zeros(num_layers, layer.expert_load.numel(), dtype=torch.float64)
+            counts = torch.zeros(num_layers, layer.expert_load.numel(), dtype=torch.float64,
+                                 device=device())
         counts[layer.layer_number - 1] += layer.expert_load
         layer.expert_load.zero_()
-    size = torch.tensor([0 if counts is None else counts.shape[1]])
+    size = torch.tensor([0 if counts is None else counts.shape[1]], device=device())
     dist.all_reduce(size, op=dist.ReduceOp.MAX)
     if counts is None:
-        counts = torch.zeros(num_layers, int(size), dtype=torch.float64)
+        counts = torch.zeros(num_layers, int(size), dtype=torch.float64, device=device())
     dist.all_reduce(counts)  # data-parallel and sequence-parallel ranks route disjoint tokens
-    return counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    return (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).cpu()
 
 
 def load_imbalance(load: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
+from pesc_megatron.runtime.distributed import device
+
 
 def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
     """megatron-core DDP: contiguous fp32 grad buffers for the trainable parameters only."""
@@ -26,11 +28,12 @@ def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = {k: v.to(device()) if torch.is_tensor(v) else v
+             for k, v in next(data_iterator).items()}
     tokens = batch["tokens"]
     position_ids = batch.get("position_ids")
     if position_ids is None:
-        position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     output = model(tokens, position_ids, None, labels=batch["labels"])
     loss_mask = batch["loss_mask"].float()
 

@@ -35,6 +35,13 @@ def test_layout_errors(parallel, pesc, world, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_vocab_must_divide_by_tp():
+    model = ModelConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                        vocab_size=32001)
+    with pytest.raises(ConfigError, match="parallel.tp=2 does not divide model.vocab_size=32001"):
+        validate_layout(model, PESCConfig(), ParallelConfig(tp=2))
+
+
 def test_valid_layouts_pass():
     validate_layout(MODEL, PESCConfig(num_experts=8), ParallelConfig(tp=2, pp=2, ep=4), 16)
 

@@ -78,6 +78,12 @@ def test_existing_out_is_refused_unless_forced(hf, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .partial / .old left
 
 
+def test_out_must_not_be_the_input(hf, tmp_path):
+    src = copy(hf, tmp_path)
+    assert_fails(pesc("hf-to-pesc", "--hf", src, "--out", src, "--force"), "is the input itself")
+    assert (src / "config.json").is_file()
+
+
 def test_camelidae_adapter_shapes_must_match_config(hf, tmp_path):
     ckpt, exported = tmp_path / "ckpt", tmp_path / "camelidae"
     assert pesc("hf-to-pesc", "--hf", hf, "--out", ckpt, "--num-experts", "4",

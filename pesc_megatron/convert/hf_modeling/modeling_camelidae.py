@@ -136,6 +136,7 @@ class CamelidaePreTrainedModel(LlamaPreTrainedModel):
     config_class = CamelidaeConfig
     config: CamelidaeConfig
     _no_split_modules = ["CamelidaeDecoderLayer"]
+    _keep_in_fp32_modules_strict = ["router"]  # trained and stored in fp32, as in pesc-megatron
 
     @torch.no_grad()
     def _init_weights(self, module):
