@@ -100,3 +100,30 @@ def test_unsupported_megatron_core_is_refused():
     cpu_backend.check_mcore_version("0.19.0rc1")
     with pytest.raises(RuntimeError, match="megatron-core 0.20.0 is not supported"):
         cpu_backend.check_mcore_version("0.20.0")
+
+
+def test_activation_recompute_replays_the_rng(single_rank):
+    """tensor_parallel.checkpoint saves and restores RNG states through the patched
+    _get/_set_cuda_rng_state: the recomputed dropout mask must equal the first one."""
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(11)
+
+    def block(x):
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return torch.nn.functional.dropout(x, 0.5, training=True) * x
+
+    x = torch.randn(64, requires_grad=True)
+    state = torch.get_rng_state()
+    tracker_states = tensor_parallel.get_cuda_rng_tracker().get_states()
+    plain = block(x)
+    plain.sum().backward()
+    want = x.grad.clone()
+
+    x.grad = None
+    torch.set_rng_state(state)
+    tensor_parallel.get_cuda_rng_tracker().set_states(tracker_states)
+    out = tensor_parallel.checkpoint(block, False, x)
+    assert torch.equal(out, plain)
+    out.sum().backward()  # recomputes block: same mask only if the RNG state was replayed
+    assert torch.equal(x.grad, want)
