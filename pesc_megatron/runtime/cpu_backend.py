@@ -3,8 +3,9 @@
 megatron-core assumes CUDA in a handful of places. On a machine without CUDA, `apply()`
 installs one patch per broken megatron-core symbol (listed in `PATCHES`, each with the reason),
 plus a torch function mode that maps tensors requested on a CUDA device to the CPU, which
-covers the many `device="cuda"` / `torch.cuda.current_device()` literals in one place.
-Nothing here runs when CUDA is available.
+covers the many `device="cuda"` / `torch.cuda.current_device()` literals in one place
+(`.cuda()` then returns the tensor itself, not a copy). With CUDA available only
+`NO_TE_PATCHES` applies, and only when Transformer Engine is absent.
 """
 from __future__ import annotations
 
