@@ -11,10 +11,15 @@ import torch
 from pesc_megatron.config import ConfigError, ParallelConfig
 from pesc_megatron.convert import checkpoint
 from pesc_megatron.convert.mapping import expand, rules_for, to_hf
+from pesc_megatron.model.builder import DTYPES
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
 MODELING_FILES = ("configuration_camelidae.py", "modeling_camelidae.py")
-_TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _hf_dtype(dtype: str) -> str:
+    """"bf16" -> "bfloat16", as config.json spells torch dtypes."""
+    return str(DTYPES[dtype]).removeprefix("torch.")
 
 
 def camelidae_config(info: checkpoint.CheckpointInfo) -> dict:
@@ -26,10 +31,10 @@ def camelidae_config(info: checkpoint.CheckpointInfo) -> dict:
         auto_map={"AutoConfig": "configuration_camelidae.CamelidaeConfig",
                   "AutoModelForCausalLM": "modeling_camelidae.CamelidaeForCausalLM"},
         num_experts=p.num_experts, topk=p.topk, adapter_dim=p.adapter_dim,
-        moe_scaling=p.adapter_scaling, moe_dtype=_TORCH_DTYPE[info.dtype],
+        moe_scaling=p.adapter_scaling, moe_dtype=_hf_dtype(info.dtype),
         routing=p.routing, renormalize=p.renormalize, adapter_act=p.adapter_activation,
         adapter_dropout=p.adapter_dropout, qkv_bias=info.model.attention_bias,
-        attention_bias=False, dtype=_TORCH_DTYPE[info.dtype])
+        attention_bias=False, dtype=_hf_dtype(info.dtype))
     return cfg
 
 
@@ -89,7 +94,7 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: boo
 
     config = dict(info.hf_config) if dense else camelidae_config(info)
     config.pop("torch_dtype", None)  # transformers 5 reads `dtype`
-    config["dtype"] = _TORCH_DTYPE[info.dtype]
+    config["dtype"] = _hf_dtype(info.dtype)
     with checkpoint.staged(out) as partial:
         _write_shards(tensors, partial, int(max_shard_gb * 2**30))
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")

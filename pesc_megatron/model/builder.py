@@ -9,8 +9,9 @@ from megatron.core.models.gpt import GPTModel
 from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig, validate_layout
 from pesc_megatron.model.pesc_layer import PESCTransformerConfig
 from pesc_megatron.model.spec import get_pesc_block_spec
+from pesc_megatron.runtime.distributed import device
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
            "fp64": torch.float64}
 
 
@@ -20,7 +21,7 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
     `initialize=False` skips the random init of the frozen base (it is about to be loaded);
     routers and adapters are always initialised (see pesc_layer)."""
     validate_layout(model, pesc, parallel)
-    params_dtype = _DTYPES[dtype]
+    params_dtype = DTYPES[dtype]
     return PESCTransformerConfig(
         num_layers=model.num_hidden_layers,
         hidden_size=model.hidden_size,
@@ -88,8 +89,7 @@ def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
         rope_scaling=model.rope_scaling_factor is not None,
         rope_scaling_factor=model.rope_scaling_factor or 8.0,
     )
-    if torch.cuda.is_available():  # torch norms and buffers are made on the CPU
-        gpt.cuda(torch.cuda.current_device())
+    gpt.to(device())  # torch norms and buffers are made on the CPU, megatron's layers on the GPU
     freeze_base(gpt)
     return gpt
 
