@@ -3,19 +3,30 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from pesc_megatron.config import ConfigError
+from pesc_megatron.data.formats import DataError
 
 COMMANDS = {
     "convert": ("pesc_megatron.convert.cli", "Hugging Face <-> PESC checkpoints"),
+    "train": ("pesc_megatron.train.loop", "instruction-tune a PESC checkpoint (YAML config)"),
+    "eval": ("pesc_megatron.train.evaluate", "mean loss of a checkpoint on a data file"),
     "demo": ("pesc_megatron.demo", "craft a small random model and train its experts (CPU)"),
     "bench": (None, "benchmarks: `pesc bench layer`"),
 }
 BENCHES = {"layer": "pesc_megatron.bench.layer"}
+# megatron-core's notices about optional packages and its own deprecations, repeated by every
+# rank at import: silenced here (the README lists what runs without TE and apex).
+KNOWN_NOISE = (r"Apex is not installed", r"Transformer Engine and Apex are not installed",
+               r"Please use DTensor instead", r"`load_state_dict` is deprecated",
+               r"full scope is deprecated")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    for message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message)
     parser = argparse.ArgumentParser(
         prog="pesc", description="PESC on megatron-core: craft dense LLMs into mixture-of-"
         "adapter-experts models and tune them. `pesc COMMAND --help` for each command.")
@@ -31,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         module, rest = BENCHES[rest[0]], rest[1:]
     try:
         return __import__(module, fromlist=["main"]).main(rest)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"pesc {ns.command}: error: {e}", file=sys.stderr)
         return 2
 

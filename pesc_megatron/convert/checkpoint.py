@@ -5,6 +5,15 @@ the model, written atomically and loadable at any TP/PP/EP (megatron-core reshar
     CKPT/hf_config.json  the source Hugging Face config (for export)
     CKPT/weights/        dist_checkpointing (torch_dist)
     CKPT/tokenizer/      the source tokenizer files
+
+A training checkpoint (`pesc train`) holds only what training changes and points to its base:
+
+    RUN/checkpoints/latest               name of the newest iter_* folder
+    RUN/checkpoints/iter_NNNNNNN/train_state.json   base path, iteration, data position, config
+    RUN/checkpoints/iter_NNNNNNN/weights/           dist_checkpointing: router and adapter
+                                                    weights ("model") and optimizer state
+Every loader here accepts a base checkpoint, a training checkpoint, its `checkpoints` folder or
+the run folder (both resolve through `latest`).
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
@@ -29,7 +39,9 @@ from pesc_megatron.config import (
 )
 
 FORMAT = "pesc-megatron/1"
+TRAIN_FORMAT = "pesc-megatron-train/1"
 META, HF_CONFIG, WEIGHTS, TOKENIZER = "pesc.json", "hf_config.json", "weights", "tokenizer"
+TRAIN_META, LATEST = "train_state.json", "latest"
 
 
 @dataclasses.dataclass
@@ -38,10 +50,40 @@ class CheckpointInfo:
     pesc: PESCConfig
     dtype: str
     hf_config: dict
+    base: Path = None  # the folder with the frozen weights, config and tokenizer
+    trained: Optional[Path] = None  # a training checkpoint on top of `base`, if any
+
+
+def resolve(ckpt: str | Path) -> tuple[Path, Optional[Path]]:
+    """(base checkpoint, training checkpoint or None) for any folder the loaders accept."""
+    ckpt = Path(ckpt)
+    for folder in (ckpt, ckpt / "checkpoints"):
+        if (folder / LATEST).is_file():
+            ckpt = folder / (folder / LATEST).read_text().strip()
+            break
+    if (ckpt / TRAIN_META).is_file():
+        state = json.loads((ckpt / TRAIN_META).read_text())
+        if state.get("format") != TRAIN_FORMAT:
+            raise ConfigError(f"{ckpt / TRAIN_META}: format {state.get('format')!r}, expected "
+                              f"{TRAIN_FORMAT!r}")
+        base = Path(state["base"])
+        if not (base / META).is_file():
+            raise ConfigError(f"{ckpt}: its base checkpoint {base} is missing")
+        return base, ckpt
+    if not (ckpt / META).is_file():
+        raise ConfigError(f"{ckpt}: not a pesc-megatron checkpoint (no {META}, {TRAIN_META} "
+                          f"or {LATEST})")
+    return ckpt, None
 
 
 def read_info(ckpt: str | Path) -> CheckpointInfo:
-    ckpt = Path(ckpt)
+    base, trained = resolve(ckpt)
+    info = _read_base_info(base)
+    info.base, info.trained = base, trained
+    return info
+
+
+def _read_base_info(ckpt: Path) -> CheckpointInfo:
     meta_path = ckpt / META
     if not meta_path.is_file():
         raise ConfigError(f"{ckpt}: not a pesc-megatron checkpoint (no {META})")
@@ -133,22 +175,39 @@ def save(model, out: str | Path, info: CheckpointInfo, tokenizer_files=(),
     return out
 
 
+def trainable_sharded_state_dict(model) -> dict:
+    """The router and adapter entries of `model.sharded_state_dict()` (what training changes)."""
+    from pesc_megatron.model.builder import is_trainable
+
+    return {k: v for k, v in model.sharded_state_dict().items()
+            if is_trainable("." + k) and not k.endswith("_extra_state")}
+
+
 def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
-         initialize: bool = False):
-    """Builds this rank's part of the model for `parallel` and loads the checkpoint into it.
-    Needs `runtime.distributed.initialize(parallel)` first. Returns (model, info). The random
-    init is skipped (`initialize=False`): every weight comes from the checkpoint."""
+         initialize: bool = False, pesc_overrides: dict | None = None, **build_options):
+    """Builds this rank's part of the model for `parallel` and loads the checkpoint into it
+    (a training checkpoint: its base, then its routers and adapters). Needs
+    `runtime.distributed.initialize(parallel)` first. Returns (model, info). The random init is
+    skipped (`initialize=False`): every weight comes from the checkpoint. `pesc_overrides`
+    changes training-time PESC settings; `build_options` go to `build_model`."""
     from pesc_megatron.model.builder import build_model
 
     ckpt = Path(ckpt)
     info = read_info(ckpt)
+    if pesc_overrides:
+        info.pesc = dataclasses.replace(info.pesc, **pesc_overrides)
     world = dist.get_world_size() if dist.is_initialized() else 1
     try:
         validate_layout(info.model, info.pesc, parallel, world)
     except ConfigError as e:
         raise ConfigError(f"{ckpt}: {e}") from None
     model = build_model(info.model, info.pesc, parallel, dtype or info.dtype,
-                        initialize=initialize)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt / WEIGHTS))
+                        initialize=initialize, **build_options)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(info.base / WEIGHTS))
     model.load_state_dict(state)
+    if info.trained is not None:
+        state = dist_checkpointing.load({"model": trainable_sharded_state_dict(model)},
+                                        str(info.trained / WEIGHTS))
+        missing, _ = model.load_state_dict(state["model"], strict=False)
+        assert not [k for k in state["model"] if k in missing]
     return model, info

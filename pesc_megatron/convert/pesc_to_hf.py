@@ -101,7 +101,7 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: boo
         if not dense:
             for f in MODELING_FILES:
                 shutil.copy2(MODELING_DIR / f, partial / f)
-        tokenizer = ckpt / checkpoint.TOKENIZER
+        tokenizer = info.base / checkpoint.TOKENIZER
         if tokenizer.is_dir():
             for f in tokenizer.iterdir():
                 shutil.copy2(f, partial / f.name)

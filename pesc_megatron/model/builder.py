@@ -16,13 +16,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 
 
 def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
-                       dtype: str = "fp32", initialize: bool = True) -> PESCTransformerConfig:
+                       dtype: str = "fp32", initialize: bool = True,
+                       recompute: str = "none") -> PESCTransformerConfig:
     """The single megatron-core config for the model (Llama-family defaults: no dropout).
     `initialize=False` skips the random init of the frozen base (it is about to be loaded);
-    routers and adapters are always initialised (see pesc_layer)."""
+    routers and adapters are always initialised (see pesc_layer). `recompute`: none, selective
+    (core attention, megatron-core's default modules) or full (every layer's activations)."""
     validate_layout(model, pesc, parallel)
     params_dtype = DTYPES[dtype]
+    recompute_options = {} if recompute == "none" else dict(recompute_granularity=recompute)
+    if recompute == "full":
+        recompute_options.update(recompute_method="uniform", recompute_num_layers=1)
     return PESCTransformerConfig(
+        **recompute_options,
         num_layers=model.num_hidden_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.intermediate_size,
@@ -67,11 +73,12 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
 
 def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
                 dtype: str = "fp32", pre_process: bool | None = None,
-                post_process: bool | None = None, initialize: bool = True) -> GPTModel:
+                post_process: bool | None = None, initialize: bool = True,
+                recompute: str = "none") -> GPTModel:
     """One pipeline stage of the PESC GPTModel, frozen except router and adapters.
 
     Needs `parallel_state` initialised with the same layout (see runtime.initialize)."""
-    config = transformer_config(model, pesc, parallel, dtype, initialize)
+    config = transformer_config(model, pesc, parallel, dtype, initialize, recompute)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:

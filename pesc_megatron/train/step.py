@@ -14,13 +14,15 @@ from megatron.core.utils import get_model_config
 from pesc_megatron.runtime.distributed import device
 
 
-def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
-    """megatron-core DDP: contiguous fp32 grad buffers for the trainable parameters only."""
+def wrap_ddp(model: torch.nn.Module,
+             use_distributed_optimizer: bool = False) -> DistributedDataParallel:
+    """megatron-core DDP: contiguous fp32 grad buffers for the trainable parameters only
+    (sharded for megatron-core's distributed optimizer if `use_distributed_optimizer`)."""
     config = get_model_config(model)
     ddp = DistributedDataParallel(
         config,
         DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                      use_distributed_optimizer=False),
+                                      use_distributed_optimizer=use_distributed_optimizer),
         module=model,
     )
     config.finalize_model_grads_func = finalize_model_grads
@@ -34,22 +36,37 @@ def _forward_step(data_iterator, model):
     position_ids = batch.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    output = model(tokens, position_ids, None, labels=batch["labels"])
+    # None: causal; packed sequences bring a block-diagonal mask (True = masked).
+    output = model(tokens, position_ids, batch.get("attention_mask"), labels=batch["labels"])
     loss_mask = batch["loss_mask"].float()
 
     def loss_func(per_token_loss):
         # Mean over this micro-batch's loss tokens; the schedule averages micro-batches.
-        loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-        return loss, {"lm_loss": loss.detach().clone()}  # the schedule divides loss in place
+        loss_sum = (per_token_loss.float() * loss_mask).sum()
+        tokens = loss_mask.sum()
+        loss = loss_sum / tokens.clamp(min=1)
+        # Detached copies: the schedule divides `loss` in place.
+        return loss, {"lm_loss": loss.detach().clone(), "loss_sum": loss_sum.detach(),
+                      "tokens": tokens.detach()}
 
     return output, loss_func
 
 
 def forward_backward(model, micro_batches: Iterable[dict], num_microbatches: int,
                      seq_length: int, micro_batch_size: int, forward_only: bool = False):
-    """Runs megatron-core's schedule for this rank's micro-batches; on the last pipeline stage
-    returns the mean lm loss over them (None elsewhere). Gradients are finalised (DP/SP
-    all-reduces) unless `forward_only`."""
+    """Runs megatron-core's schedule for this rank's micro-batches. On the last pipeline stage
+    returns the mean lm loss over them (the training objective: each micro-batch's mean over
+    its loss tokens, averaged), and None elsewhere. Gradients are finalised (DP/SP all-reduces)
+    unless `forward_only`."""
+    stats = run_schedule(model, micro_batches, num_microbatches, seq_length, micro_batch_size,
+                         forward_only)
+    return None if stats is None else stats["lm_loss"]
+
+
+def run_schedule(model, micro_batches: Iterable[dict], num_microbatches: int, seq_length: int,
+                 micro_batch_size: int, forward_only: bool = False):
+    """Like `forward_backward`, returning on the last stage {"lm_loss": mean of micro-batch
+    means, "loss_sum": summed token losses, "tokens": loss tokens} for this rank."""
     losses = get_forward_backward_func()(
         forward_step_func=_forward_step,
         data_iterator=iter(micro_batches),
@@ -61,4 +78,6 @@ def forward_backward(model, micro_batches: Iterable[dict], num_microbatches: int
     )
     if not parallel_state.is_pipeline_last_stage():
         return None
-    return torch.stack([d["lm_loss"] for d in losses]).mean()
+    return {"lm_loss": torch.stack([d["lm_loss"] for d in losses]).mean(),
+            "loss_sum": torch.stack([d["loss_sum"] for d in losses]).sum(),
+            "tokens": torch.stack([d["tokens"] for d in losses]).sum()}

@@ -1,0 +1,101 @@
+"""Training checkpoints: only what training changes (routers, adapters, optimizer state) through
+`dist_checkpointing`, plus `train_state.json` (base checkpoint, iteration, data position,
+LR-schedule state, the job's config). Layout in convert/checkpoint.py.
+
+Written atomically: everything goes to a hidden `.iter_NNNNNNN.partial-*` folder, which is
+renamed to `iter_NNNNNNN` when complete; then `latest` is replaced (write + rename) and folders
+beyond `keep_last` are deleted. A crash at any point leaves `latest` naming a whole checkpoint.
+RNG: every step reseeds from (train.seed, step), so the step number is the whole RNG state and
+a resume draws the same dropout masks as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from pesc_megatron.convert.checkpoint import (
+    LATEST,
+    TRAIN_FORMAT,
+    TRAIN_META,
+    WEIGHTS,
+    _new_partial,
+    trainable_sharded_state_dict,
+)
+
+
+def iter_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def find_latest(checkpoints: Path) -> Optional[Path]:
+    pointer = checkpoints / LATEST
+    if not pointer.is_file():
+        return None
+    folder = checkpoints / pointer.read_text().strip()
+    if not (folder / TRAIN_META).is_file():
+        raise FileNotFoundError(f"{pointer} names {folder.name}, which is not a complete "
+                                "training checkpoint")
+    return folder
+
+
+def _sharded_state(model, optimizer, is_loading: bool = False) -> dict:
+    model_sd = trainable_sharded_state_dict(model)
+    return {"model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+
+
+def save(checkpoints: Path, iteration: int, model, optimizer, train_state: dict,
+         keep_last: int) -> Path:
+    """Called on every rank. `train_state` (JSON-able) is written by rank 0."""
+    rank0 = dist.get_rank() == 0
+    target = checkpoints / iter_name(iteration)
+    name = [None]
+    if rank0:
+        for stale in checkpoints.glob(".iter_*.partial-*"):  # left by a crash mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        name = [str(_new_partial(target))]
+    dist.broadcast_object_list(name, src=0)
+    partial = Path(name[0])
+    try:
+        if rank0:
+            (partial / WEIGHTS).mkdir()
+        dist.barrier()
+        dist_checkpointing.save(_sharded_state(model, optimizer), str(partial / WEIGHTS))
+        if rank0:
+            state = dict(format=TRAIN_FORMAT, iteration=iteration, **train_state)
+            (partial / TRAIN_META).write_text(json.dumps(state, indent=2) + "\n")
+            if target.exists():  # a rerun saving the same iteration again
+                shutil.rmtree(target)
+            os.replace(partial, target)
+            tmp = checkpoints / f".{LATEST}.tmp"
+            tmp.write_text(target.name + "\n")
+            os.replace(tmp, checkpoints / LATEST)
+            for old in sorted(checkpoints.glob("iter_*"))[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if rank0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    dist.barrier()
+    return target
+
+
+def load(folder: Path, model, optimizer) -> dict:
+    """Loads routers, adapters and optimizer state (at any TP/PP/EP) into `model` and
+    `optimizer`; returns the checkpoint's train_state.json."""
+    state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True),
+                                    str(folder / WEIGHTS))
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    return json.loads((folder / TRAIN_META).read_text())
+
+
+def job_dict(job) -> dict:
+    return dataclasses.asdict(job)

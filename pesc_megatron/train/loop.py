@@ -1,0 +1,335 @@
+"""`pesc train CONFIG.yaml [key=value ...]`: instruction-tunes the routers and adapters of a PESC
+checkpoint with megatron-core's DDP, optimizer, LR schedule and pipeline schedules.
+
+Run it under torchrun (one node or many); rerunning the same command resumes from the newest
+checkpoint in `train.out_dir/checkpoints`. Outputs in `train.out_dir`: `metrics.jsonl` (one
+row per log interval, plus `valid_loss` rows), `tb/` (TensorBoard), `checkpoints/`.
+
+The objective is megatron-core's: each micro-batch's mean over its loss tokens, averaged over
+the micro-batches of a global batch, plus the routers' load-balancing (and z) losses.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from pesc_megatron.config import (
+    ConfigError,
+    JobConfig,
+    check_batch_layout,
+    load_job,
+    validate_layout,
+)
+from pesc_megatron.convert import checkpoint as pesc_checkpoint
+from pesc_megatron.data import DataError, build_dataset, collate, load_tokenizer
+from pesc_megatron.runtime.distributed import destroy, device, initialize, set_seed
+from pesc_megatron.train import checkpoint as train_checkpoint
+from pesc_megatron.train.evaluate import evaluate, last_stage_sum
+from pesc_megatron.train.metrics import load_imbalance, pop_expert_load, pop_router_losses
+from pesc_megatron.train.step import run_schedule, wrap_ddp
+
+# megatron-core's names for our schedules (warmup is linear from 0 in all of them).
+DECAY_STYLE = {"constant_with_warmup": "constant", "cosine": "cosine", "linear": "linear"}
+
+
+def _rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def say(*args) -> None:
+    if _rank0():
+        print(*args, flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+def build_data(files: list, tokenizer, job: JobConfig, cache_dir: Path, packing: bool):
+    """Rank 0 tokenises (or reads the cache), then the others read its cache. A data error on
+    rank 0 is sent to every rank, so that all of them stop with the same message."""
+    d = job.data
+    specs = [f if isinstance(f, str) else (f["path"], f.get("weight", 1.0)) for f in files]
+    kwargs = dict(seq_length=d.seq_length, packing=packing, cache_dir=cache_dir,
+                  on_error=d.on_error, overlong=d.overlong, seed=job.train.seed)
+    error, dataset = [None], None
+    if _rank0():
+        try:
+            dataset = build_dataset(specs, tokenizer, builder=True, **kwargs)
+        except DataError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise DataError("", error[0])
+    if dataset is None:
+        dataset = build_dataset(specs, tokenizer, builder=False, **kwargs)
+    return dataset
+
+
+class GlobalBatches:
+    """Global batch k holds the sequences at positions [k*gbs, (k+1)*gbs) of the endless
+    stream of epochs, each epoch a permutation seeded by (seed, epoch). The order does not
+    depend on the parallel layout, so the data position is just the step."""
+
+    def __init__(self, dataset, global_batch_size: int, seed: int):
+        self.dataset, self.gbs, self.seed = dataset, global_batch_size, seed
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
+                len(self.dataset))}
+        return self._orders[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        n = len(self.dataset)
+        return [int(self._order(p // n)[p % n]) for p in range(step * self.gbs,
+                                                               (step + 1) * self.gbs)]
+
+
+def rank_micro_batches(dataset, indices: list[int], micro_batch_size: int) -> list[dict]:
+    """This data-parallel rank's consecutive slice of `indices`, as micro-batches."""
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per_rank = len(indices) // dp
+    mine = indices[rank * per_rank:(rank + 1) * per_rank]
+    return [collate([dataset[i] for i in mine[j:j + micro_batch_size]])
+            for j in range(0, len(mine), micro_batch_size)]
+
+
+# ------------------------------------------------------------------------------------------
+# Logging
+# ------------------------------------------------------------------------------------------
+class Logger:
+    """Rank 0 writes metrics.jsonl and TensorBoard; every call is made on all ranks."""
+
+    def __init__(self, out_dir: Path, start_step: int):
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if _rank0():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():  # drop rows a killed run wrote after its last checkpoint
+                rows = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= start_step]
+                self.path.write_text("".join(r + "\n" for r in rows))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
+            except ImportError:
+                print("tensorboard is not installed: metrics.jsonl only", flush=True)
+
+    def write(self, row: dict, layer_load: torch.Tensor | None = None) -> None:
+        if not _rank0():
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is None:
+            return
+        step = row["step"]
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"train/{key}" if "valid" not in key else key, value, step)
+        if layer_load is not None:
+            for layer, load in enumerate(layer_load.tolist(), start=1):
+                self.tb.add_scalars(f"expert_load/layer_{layer:02d}",
+                                    {f"expert_{e}": v for e, v in enumerate(load)}, step)
+                self.tb.add_scalar(f"expert_imbalance/layer_{layer:02d}",
+                                   max(load) * len(load), step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+# ------------------------------------------------------------------------------------------
+# The job
+# ------------------------------------------------------------------------------------------
+def build_optimizer(ddp, job: JobConfig, iters: int):
+    o = job.optim
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad, bf16=job.model.dtype == "bf16",
+        params_dtype=torch.bfloat16 if job.model.dtype == "bf16" else torch.float32,
+        use_distributed_optimizer=o.distributed), [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(iters, o.warmup_steps + 1), lr_decay_style=DECAY_STYLE[o.schedule],
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(iters, 1),
+        wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def step_seed(seed: int, step: int) -> int:
+    return seed + 7919 * step
+
+
+def run(job: JobConfig, config_source: dict) -> dict:
+    """Trains on this rank's part of the job (torch.distributed initialised). Returns the
+    final metrics row."""
+    out_dir = Path(job.train.out_dir)
+    checkpoints = out_dir / "checkpoints"
+    info = pesc_checkpoint.read_info(job.model.checkpoint)
+    num_mb = check_batch_layout(job, dist.get_world_size())
+    mbs, gbs, seq = job.train.micro_batch_size, job.train.global_batch_size, job.data.seq_length
+
+    tokenizer = load_tokenizer(job.data.tokenizer or info.base / pesc_checkpoint.TOKENIZER)
+    cache_dir = Path(job.data.cache_dir or out_dir / "token_cache")
+    train_ds = build_data(job.data.train, tokenizer, job, cache_dir, job.data.packing)
+    valid_ds = (build_data(job.data.valid, tokenizer, job, cache_dir, job.data.packing)
+                if job.data.valid else None)
+    iters = job.train.iters or max(1, len(train_ds) // gbs)
+    say(f"data: train {train_ds.stats.summary()}")
+    if valid_ds is not None:
+        say(f"data: valid {valid_ds.stats.summary()}")
+
+    model, info = pesc_checkpoint.load(job.model.checkpoint, job.parallel, job.model.dtype,
+                                       pesc_overrides=job.pesc, recompute=job.model.recompute)
+    ddp = wrap_ddp(model, use_distributed_optimizer=job.optim.distributed)
+    optimizer, scheduler = build_optimizer(ddp, job, iters)
+
+    start = 0
+    latest = train_checkpoint.find_latest(checkpoints)
+    if latest is not None:
+        state = train_checkpoint.load(latest, model, optimizer)
+        if Path(state["base"]) != info.base.resolve():
+            raise ConfigError(f"{latest}: was trained from base {state['base']}, but "
+                              f"model.checkpoint is {info.base.resolve()}")
+        start = state["iteration"]
+        scheduler.load_state_dict(state["scheduler"])
+        say(f"resumed from {latest} at step {start}")
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    par = job.parallel
+    say(f"pesc train: world {dist.get_world_size()} (tp {par.tp}, pp {par.pp}, ep {par.ep}, "
+        f"dp {ps.get_data_parallel_world_size()}), {iters} steps of {gbs} sequences x {seq} "
+        f"(micro-batch {mbs}, {num_mb} per rank); trainable {trainable:,} of {total:,} "
+        "parameters on rank 0")
+
+    logger = Logger(out_dir, start)
+    batches = GlobalBatches(train_ds, gbs, job.train.seed)
+    num_layers = info.model.num_hidden_layers
+    coeffs = {"load_balancing_loss": info.pesc.aux_loss_coeff if "aux_loss_coeff" not in job.pesc
+              else job.pesc["aux_loss_coeff"],
+              "z_loss": job.pesc.get("z_loss_coeff", info.pesc.z_loss_coeff)}
+
+    def save(step: int) -> None:
+        train_checkpoint.save(checkpoints, step, model, optimizer, dict(
+            base=str(info.base.resolve()),
+            init_from=str(info.trained.resolve()) if info.trained else None,
+            scheduler=scheduler.state_dict(), consumed_samples=step * gbs,
+            config=config_source), job.train.keep_last)
+        say(f"saved {checkpoints / train_checkpoint.iter_name(step)}")
+
+    def validate(step: int) -> float:
+        loss, tokens = evaluate(ddp, valid_ds, mbs)
+        logger.write({"step": step, "valid_loss": loss, "valid_tokens": tokens})
+        say(f"step {step}: valid loss {loss:.4f} over {tokens} tokens")
+        return loss
+
+    if valid_ds is not None and start == 0:
+        validate(0)
+    model.train()
+    pop_router_losses(1), pop_expert_load(model, num_layers)  # drop counts from loading
+    acc = dict(lm=0.0, grad=0.0, time=0.0, tokens=0, steps=0)
+    row, begun, run_steps = {}, time.perf_counter(), 0
+    for step in range(start + 1, iters + 1):
+        t0 = time.perf_counter()
+        set_seed(step_seed(job.train.seed, step))
+        indices = batches.indices(step - 1)
+        micro_batches = rank_micro_batches(train_ds, indices, mbs)
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        stats = run_schedule(ddp, micro_batches, num_mb, seq, mbs)
+        _, grad_norm, _ = optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+        scheduler.step(1)
+        lm = last_stage_sum(None if stats is None else stats["lm_loss"]).item()
+        acc["lm"] += lm / ps.get_data_parallel_world_size()
+        acc["grad"] += float(grad_norm or 0.0)
+        acc["tokens"] += sum(train_ds.sample_boundaries(i)[-1] for i in indices)
+        acc["time"] += time.perf_counter() - t0
+        acc["steps"] += 1
+        run_steps += 1
+        if step % job.train.log_interval == 0 or step == iters:
+            n = acc["steps"]
+            router = pop_router_losses(num_mb * n)
+            load = pop_expert_load(model, num_layers)
+            aux = sum(coeffs[k] * v.sum().item() for k, v in router.items() if coeffs.get(k))
+            row = dict(step=step, loss=acc["lm"] / n + aux, lm_loss=acc["lm"] / n,
+                       aux_loss=aux, lr=lr,
+                       grad_norm=acc["grad"] / n, tokens_per_s=acc["tokens"] / acc["time"],
+                       step_time_s=acc["time"] / n,
+                       expert_imbalance=load_imbalance(load).mean().item())
+            if "load_balancing_loss" in router:  # E * sum f_i P_i, 1.0 = balanced
+                row["balance"] = router["load_balancing_loss"].mean().item()
+            logger.write(row, load)
+            eta = (time.perf_counter() - begun) / run_steps * (iters - step)
+            say(f"step {step}/{iters} | loss {row['loss']:.4f} (lm {row['lm_loss']:.4f}, aux "
+                f"{aux:.4f}) | lr {row['lr']:.2e} | grad {row['grad_norm']:.3f} | "
+                f"{row['tokens_per_s']:.0f} tok/s | {row['step_time_s']:.2f} s/step | "
+                f"imbalance {row['expert_imbalance']:.2f} | ETA {_duration(eta)}")
+            acc = dict(lm=0.0, grad=0.0, time=0.0, tokens=0, steps=0)
+        if valid_ds is not None and job.train.eval_interval and step % job.train.eval_interval == 0 \
+                and step != iters:
+            validate(step)
+        if job.train.save_interval and step % job.train.save_interval == 0 and step != iters:
+            save(step)
+    if start < iters:
+        if valid_ds is not None:
+            row = dict(row, valid_loss=validate(iters))
+        save(iters)
+    else:
+        say(f"nothing to do: {checkpoints} is already at step {start} of {iters}")
+    logger.close()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pesc train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="YAML job file (see examples/*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-4")
+    args = ap.parse_args(argv)
+    job = load_job(args.config, args.overrides)
+    import yaml
+
+    source = yaml.safe_load(open(args.config)) or {}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = pesc_checkpoint.read_info(job.model.checkpoint)
+    pesc = dataclasses.replace(info.pesc, **job.pesc)
+    try:
+        validate_layout(info.model, pesc, job.parallel, world)
+    except ConfigError as e:
+        raise ConfigError(f"{args.config}: {e}") from None
+    check_batch_layout(job, world)
+    if job.model.dtype == "bf16" and not torch.cuda.is_available():
+        raise ConfigError("model.dtype=bf16: megatron-core's bf16 optimizer needs a GPU; use "
+                          "fp32 on CPU")
+    initialize(job.parallel, seed=job.train.seed)
+    try:
+        row = run(job, dict(file=str(args.config), overrides=args.overrides,
+                            resolved=dataclasses.asdict(job), source=source))
+        say(json.dumps(row))
+    finally:
+        destroy()
+    return 0

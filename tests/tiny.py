@@ -1,0 +1,89 @@
+"""A tiny real job for training tests: a byte-pair tokenizer trained here, a random 2-layer
+Llama with its vocabulary, converted to a PESC checkpoint, and instruction records."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = ("cat dog sun moon red blue one two three four five six seven eight nine ten add "
+         "sum what is the answer yes no big small left right up down sort list word").split()
+PESC = dict(num_experts=4, topk=2, adapter_dim=8, adapter_scaling=1.0, adapter_dropout=0.1)
+
+
+def make_tokenizer(folder: Path, vocab_size: int = 128) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choices(WORDS, k=8)) + " ### Human: ### Assistant: ### System: :"
+              for _ in range(200)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>", pad_token="<pad>").save_pretrained(folder)
+
+
+def make_checkpoint(root: Path, layers: int = 2, pesc: dict | None = None) -> Path:
+    """root/hf (tokenizer + random Llama) -> root/base (PESC checkpoint). Single process."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pesc_megatron.convert.hf_to_pesc import convert
+
+    hf = root / "hf"
+    make_tokenizer(hf)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+        tie_word_embeddings=False)).save_pretrained(hf)
+    return convert(hf, root / "base", dict(PESC, **(pesc or {})), dtype="fp32")
+
+
+def records(n: int, seed: int) -> list[dict]:
+    """Chat, Camelidae, Alpaca and text records with a learnable answer pattern."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.sample(WORDS, 2)
+        q, ans = f"what is {a} {b}", f"the answer is {b} {a}"
+        kind = i % 4
+        if kind == 0:
+            out.append({"messages": [{"role": "user", "content": q},
+                                     {"role": "assistant", "content": ans}]})
+        elif kind == 1:
+            out.append({"instruction": "", "conversation": [{"input": q, "output": ans}],
+                        "corpus": ""})
+        elif kind == 2:
+            out.append({"instruction": q, "input": "", "output": ans})
+        else:
+            out.append({"text": f"{q} {ans}"})
+    return out
+
+
+def write_jsonl(path: Path, recs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def write_job(path: Path, ckpt: Path, data_dir: Path, out_dir: Path, **sections) -> Path:
+    """A YAML job for the tiny model; `sections` update the defaults, e.g. train={...}."""
+    import yaml
+
+    job = {
+        "model": {"checkpoint": str(ckpt)},
+        "data": {"train": [str(data_dir / "train.jsonl")], "valid": [str(data_dir /
+                                                                       "valid.jsonl")],
+                 "seq_length": 64, "packing": True},
+        "optim": {"lr": 1e-2, "warmup_steps": 2, "clip_grad": 1.0},
+        "train": {"micro_batch_size": 2, "global_batch_size": 8, "iters": 6, "seed": 7,
+                  "log_interval": 1, "out_dir": str(out_dir)},
+    }
+    for key, value in sections.items():
+        job.setdefault(key, {}).update(value)
+    path.write_text(yaml.safe_dump(job))
+    return path
