@@ -139,6 +139,78 @@ def _all_to_all_with_list_splits(original: Callable) -> Callable:
     return all_to_all_single
 
 
+class _CudaTensorTypeNames(TorchFunctionMode):
+    """`Tensor.type()` names a CPU tensor as its CUDA counterpart ('torch.cuda.FloatTensor'), for
+    megatron-core code that checks dtypes by comparing those strings."""
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and \
+                out.startswith("torch.") and not out.startswith("torch.cuda."):
+            out = "torch.cuda." + out[len("torch."):]
+        return out
+
+
+def _with_cuda_type_names(original: Callable) -> Callable:
+    def run(*args, **kwargs):
+        with _CudaTensorTypeNames():
+            return original(*args, **kwargs)
+
+    return run
+
+
+def _state_dict_with_initial_step(original: Callable) -> Callable:
+    """DistributedOptimizer.state_dict, when megatron-core steps a torch.optim optimizer (no
+    apex/TE), reads `step` from its per-parameter state, which torch only creates on the first
+    step: before it (a fresh optimizer about to load a checkpoint, or one saved before training)
+    the state is first made what that step would make (zero moments, step 0)."""
+
+    def state_dict(self):
+        from megatron.core.optimizer import distrib_optimizer
+
+        if not distrib_optimizer.HAVE_APEX_OR_TE and self.init_state_fn is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if params and all(len(self.optimizer.state[p]) == 0 for p in params):
+                self.init_state_fn(self.optimizer, self.config)
+                for p in params:
+                    self.optimizer.state[p].setdefault("step", torch.tensor(0.0))
+        return original(self)
+
+    return state_dict
+
+
+def _load_state_dict_unshared_steps(original: Callable) -> Callable:
+    """DistributedOptimizer.load_state_dict under no_grad (fp32 params are their own main
+    params: loading copies into views of them), then one `step` tensor per param: without
+    apex/TE it restores the step as one tensor shared by every param, which torch's Adam would
+    then advance once per param at each step."""
+
+    def load_state_dict(self, state_dict):
+        with torch.no_grad():
+            original(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    return load_state_dict
+
+
+def _set_states_keeping_step(original: Callable) -> Callable:
+    """DistributedOptimizer._set_main_param_and_optimizer_states, leaving the param's `step`
+    as load_state_dict restored it from param_groups."""
+
+    def set_states(self, model_param, tensors):
+        group, order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group]["params"][order]
+        step = self.optimizer.state.get(main_param, {}).get("step")
+        precision_aware = self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+        if torch.is_tensor(step) and not precision_aware:
+            tensors = {**tensors, "step": step}  # copied onto itself
+        return original(self, model_param, tensors)
+
+    return set_states
+
+
 @dataclass(frozen=True)
 class Patch:
     target: str  # "module:attribute.path" of the megatron-core (or torch) symbol replaced
@@ -177,6 +249,15 @@ PATCHES: list[Patch] = [
           "megatron-core's all_to_all (alltoall dispatcher) passes split sizes as tensors, "
           "which gloo rejects",
           _all_to_all_with_list_splits),
+    Patch("megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32",
+          "asserts param.grad.type() == 'torch.cuda.FloatTensor'; runs as is once CPU tensors "
+          "report CUDA type names", _with_cuda_type_names),
+    Patch("megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32",
+          "the same function, imported by name: the optimizers' step() looks it up here",
+          _with_cuda_type_names),
+    Patch("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__",
+          "accepts only params whose type() is torch.cuda.{Float,Half,BFloat16}Tensor",
+          _with_cuda_type_names),
 ]
 
 # Needed wherever Transformer Engine is absent, GPU or not.
@@ -184,6 +265,19 @@ NO_TE_PATCHES: list[Patch] = [
     Patch("megatron.core.transformer.moe.moe_utils:te_general_gemm",
           "router_gating_linear tests `te_general_gemm is not None`, a NameError when TE is absent",
           lambda original: original),
+    Patch("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.state_dict",
+          "with torch.optim (no apex/TE) it asserts one `step` in the per-param state, which "
+          "torch creates only on the first step: fails before it (e.g. to load a checkpoint)",
+          _state_dict_with_initial_step),
+    Patch("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict",
+          "restores torch Adam's `step` as one tensor shared by all params (then advanced once "
+          "per param per step) and copies into fp32 params' views outside no_grad",
+          _load_state_dict_unshared_steps),
+    Patch("megatron.core.optimizer.distrib_optimizer:"
+          "DistributedOptimizer._set_main_param_and_optimizer_states",
+          "copies torch Adam's `step` from the loaded param state, where fully_reshardable has "
+          "none (KeyError) and dp_reshardable has the loading optimizer's own, not the saved one",
+          _set_states_keeping_step),
 ]
 
 
