@@ -20,8 +20,10 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# SmolLM2-135M-Instruct -> 8 experts -> tuned on 2 ranks (EP=2) -> eval before/after -> export
+# -> chat. About 10 minutes on 2 cores; see examples/quickstart.sh.
 quickstart: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m pesc_megatron.cli demo
+	BIN=$(VENV)/bin bash examples/quickstart.sh
 
 # pytest exits 5 when it collects no tests: that is not a failure of the suite.
 test: $(STAMP)

@@ -20,7 +20,7 @@ BENCHES = {"layer": "pesc_megatron.bench.layer"}
 # rank at import: silenced here (the README lists what runs without TE and apex).
 KNOWN_NOISE = (r"Apex is not installed", r"Transformer Engine and Apex are not installed",
                r"Please use DTensor instead", r"`load_state_dict` is deprecated",
-               r"full scope is deprecated")
+               r"full scope is deprecated", r"`torch.distributed.\w+` is deprecated")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,6 +84,11 @@ def _check_type(where: str, name: str, value: Any, hint: Any) -> Any:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not (
         isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     ):
@@ -216,6 +221,7 @@ class TrainConfig:
     save_interval: int = 0  # 0: only at the end
     keep_last: int = 2  # training checkpoints kept (older ones are deleted)
     out_dir: str = "runs/pesc"
+    dist_timeout_minutes: int = 60  # collectives' timeout; rank 0 tokenises while others wait
 
 
 @dataclass
@@ -275,7 +281,10 @@ def job_from_dict(tree: dict, where: str = "") -> JobConfig:
         else:
             values[name] = from_dict(type(getattr(JobConfig(), name)), value, f"{where}{name}.")
     job = JobConfig(**values)
-    validate_job(job)
+    try:
+        validate_job(job)
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
     return job
 
 
@@ -333,7 +342,8 @@ def validate_job(job: JobConfig) -> None:
     if job.optim.warmup_steps < 0:
         bad("optim.warmup_steps", "must be >= 0")
     t = job.train
-    for key in ("micro_batch_size", "global_batch_size", "log_interval", "keep_last"):
+    for key in ("micro_batch_size", "global_batch_size", "log_interval", "keep_last",
+                "dist_timeout_minutes"):
         if getattr(t, key) < 1:
             bad(f"train.{key}", "must be >= 1")
     for key in ("eval_interval", "save_interval"):

@@ -10,7 +10,6 @@ a resume draws the same dropout masks as an uninterrupted run.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -45,10 +44,17 @@ def find_latest(checkpoints: Path) -> Optional[Path]:
     return folder
 
 
+# Optimizer state keyed by parameter only (no optimizer-index prefix) and, for the distributed
+# optimizer, in the format that reloads at any TP/PP/EP/DP (megatron-core's default format is
+# rejected by its own checkpoint validation).
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable",
+                    "chained_optim_avoid_prefix": True}
+
+
 def _sharded_state(model, optimizer, is_loading: bool = False) -> dict:
     model_sd = trainable_sharded_state_dict(model)
-    return {"model": model_sd,
-            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(
+        model_sd, is_loading=is_loading, metadata=OPTIMIZER_FORMAT)}
 
 
 def save(checkpoints: Path, iteration: int, model, optimizer, train_state: dict,
@@ -95,7 +101,3 @@ def load(folder: Path, model, optimizer) -> dict:
     model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     return json.loads((folder / TRAIN_META).read_text())
-
-
-def job_dict(job) -> dict:
-    return dataclasses.asdict(job)

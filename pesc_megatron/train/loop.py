@@ -170,12 +170,18 @@ def build_optimizer(ddp, job: JobConfig, iters: int):
         clip_grad=o.clip_grad, bf16=job.model.dtype == "bf16",
         params_dtype=torch.bfloat16 if job.model.dtype == "bf16" else torch.float32,
         use_distributed_optimizer=o.distributed), [ddp])
-    scheduler = OptimizerParamScheduler(
+    return optimizer, build_scheduler(optimizer, job, iters)
+
+
+def build_scheduler(optimizer, job: JobConfig, iters: int) -> OptimizerParamScheduler:
+    """megatron-core's scheduler, stepped once per optimizer step: linear warmup from 0 over
+    optim.warmup_steps, then constant, cosine or linear decay to optim.min_lr at `iters`."""
+    o = job.optim
+    return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
         lr_decay_steps=max(iters, o.warmup_steps + 1), lr_decay_style=DECAY_STYLE[o.schedule],
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(iters, 1),
         wd_incr_style="constant")
-    return optimizer, scheduler
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -325,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     if job.model.dtype == "bf16" and not torch.cuda.is_available():
         raise ConfigError("model.dtype=bf16: megatron-core's bf16 optimizer needs a GPU; use "
                           "fp32 on CPU")
-    initialize(job.parallel, seed=job.train.seed)
+    initialize(job.parallel, seed=job.train.seed,
+               timeout_minutes=job.train.dist_timeout_minutes)
     try:
         row = run(job, dict(file=str(args.config), overrides=args.overrides,
                             resolved=dataclasses.asdict(job), source=source))

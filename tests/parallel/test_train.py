@@ -1,0 +1,256 @@
+"""`pesc train` / `pesc eval` end to end on a tiny real job, launched as users launch them
+(torchrun, gloo, CPU): bit-exact resume after SIGKILL, a kill during a checkpoint write,
+resume at another layout, eval parity across layouts, packing, and a two-"node" launch."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def torchrun(nproc: int, *args, popen: bool = False, **kwargs):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", *args]
+    if popen:
+        return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         **kwargs)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def train(nproc: int, config: Path, *overrides: str):
+    return torchrun(nproc, "-m", "pesc_megatron.cli", "train", str(config), *overrides)
+
+
+def evaluate(nproc: int, ckpt: Path, data: Path, *flags: str) -> dict:
+    run = torchrun(nproc, "-m", "pesc_megatron.cli", "eval", "--ckpt", str(ckpt), "--data",
+                   str(data), "--seq-length", "64", *flags)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def history(out_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "lm_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, single_rank):
+    root = tmp_path_factory.mktemp("train")
+    ckpt = tiny.make_checkpoint(root)
+    tiny.write_jsonl(root / "train.jsonl", tiny.records(96, 1))
+    tiny.write_jsonl(root / "valid.jsonl", tiny.records(16, 2))
+    config = tiny.write_job(root / "job.yaml", ckpt, root, root / "unused",
+                            parallel={"ep": 2}, train={"iters": 8, "save_interval": 4})
+    return root, ckpt, config
+
+
+@pytest.fixture(scope="module")
+def reference(job):
+    """An uninterrupted EP=2 run of 8 steps with adapter dropout 0.1."""
+    root, _, config = job
+    train(2, config, f"train.out_dir={root / 'ref'}")
+    return root / "ref"
+
+
+def test_sigkill_between_checkpoints_resumes_bit_exact(job, reference):
+    root, _, config = job
+    out = root / "killed"
+    proc = torchrun(2, "-m", "pesc_megatron.cli", "train", str(config),
+                    f"train.out_dir={out}", popen=True)
+    latest, deadline = out / "checkpoints" / "latest", time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() == "iter_0000004"):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.02)
+    # torchrun starts its workers in sessions of their own: kill the whole tree.
+    tree = psutil.Process(proc.pid)
+    for p in [*tree.children(recursive=True), tree]:
+        p.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "iter_0000008").exists()
+    run = train(2, config, f"train.out_dir={out}")
+    assert "resumed from" in run.stdout and "at step 4" in run.stdout
+    got, want = history(out), history(reference)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr"):
+            assert got[step][key] == want[step][key], (step, key)
+
+
+def test_kill_during_checkpoint_write_keeps_previous(job, reference):
+    root, _, config = job
+    out = root / "killed_in_save"
+    log = root / "killed_in_save.log"
+    with open(log, "w") as f:
+        rc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+             str(ROOT / "tests" / "parallel" / "kill_in_save.py"), str(config),
+             f"train.out_dir={out}"], env=ENV, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+            timeout=600).returncode
+    # The killed rank's checkpoint-writer processes outlive it, as they would in a real crash.
+    for p in psutil.process_iter(["cmdline"]):
+        if str(out) in " ".join(p.info["cmdline"] or []):
+            p.kill()
+    assert rc != 0, log.read_text()[-3000:]
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "iter_0000004"
+    assert list(checkpoints.glob(".iter_0000008.partial-*"))  # the write that was cut short
+    assert not (checkpoints / "iter_0000008").exists()
+    # The previous checkpoint loads; a rerun resumes from it and cleans the partial folder.
+    loaded = evaluate(1, out, root / "valid.jsonl")
+    assert loaded["tokens"] > 0
+    train(2, config, f"train.out_dir={out}")
+    assert not list(checkpoints.glob(".iter_*"))
+    assert history(out)[8]["loss"] == history(reference)[8]["loss"]
+
+
+@pytest.fixture(scope="module")
+def no_dropout(job):
+    """EP=2, 8 steps, adapter dropout off (so other layouts compute the same function)."""
+    root, _, config = job
+    out = root / "no_dropout"
+    train(2, config, f"train.out_dir={out}", "pesc.adapter_dropout=0.0")
+    return out
+
+
+def test_resume_at_other_layout(job, no_dropout):
+    """The EP=2 run's step-4 checkpoint resumed at TP=2 (SP) continues the same training."""
+    root, _, config = job
+    out = root / "resharded"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(no_dropout / "checkpoints" / "iter_0000004",
+                    out / "checkpoints" / "iter_0000004")
+    (out / "checkpoints" / "latest").write_text("iter_0000004\n")
+    run = train(2, config, f"train.out_dir={out}", "pesc.adapter_dropout=0.0", "parallel.ep=1",
+                "parallel.tp=2")
+    assert "tp 2" in run.stdout and "at step 4" in run.stdout
+    got, want = history(out), history(no_dropout)
+    for step in range(5, 9):
+        for key in ("lm_loss", "aux_loss", "grad_norm"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+
+
+def test_eval_same_loss_at_every_layout(job, no_dropout):
+    root, ckpt, _ = job
+    valid = root / "valid.jsonl"
+    single = evaluate(1, no_dropout, valid)
+    assert single["records"] == 16 and single["tokens"] > 0
+    # The training run validated the same model on the same data at the end.
+    assert single["loss"] == pytest.approx(
+        [json.loads(r) for r in (no_dropout / "metrics.jsonl").read_text().splitlines()
+         if "valid_loss" in r][-1]["valid_loss"], rel=1e-5)
+    for flags in (("--ep", "2"), ("--tp", "2"), ("--pp", "2")):
+        other = evaluate(2, no_dropout, valid, *flags)
+        assert other["tokens"] == single["tokens"] and other["records"] == 16
+        assert other["loss"] == pytest.approx(single["loss"], rel=1e-5), flags
+    base = evaluate(1, ckpt, valid)  # training moved the loss
+    assert abs(base["loss"] - single["loss"]) > 1e-3
+
+
+def test_training_checkpoint_is_small_and_points_to_base(job, reference):
+    """It stores the routers, the adapters and their two Adam moments, nothing frozen."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
+    root, ckpt, _ = job
+    trained = reference / "checkpoints" / "iter_0000008"
+    state = json.loads((trained / "train_state.json").read_text())
+    assert state["base"] == str(ckpt.resolve()) and state["iteration"] == 8
+    assert state["consumed_samples"] == 64
+    stored = {k: v.global_shape for k, v in load_tensors_metadata(
+        str(trained / "weights")).items()}
+    base = {k: v.global_shape for k, v in load_tensors_metadata(str(ckpt / "weights")).items()}
+    weights = {k for k in base if ".mlp.router." in k or ".mlp.experts." in k}
+    assert set(stored) == weights | {f"optimizer.state.{m}.{k}" for k in weights
+                                     for m in ("exp_avg", "exp_avg_sq")}
+    numel = lambda shapes: sum(torch.Size(s).numel() for s in shapes)  # noqa: E731
+    assert numel(stored.values()) == 3 * numel(base[k] for k in weights)
+    assert numel(stored.values()) < 0.5 * numel(base.values())
+    assert sorted(p.name for p in (reference / "checkpoints").glob("iter_*")) == [
+        "iter_0000004", "iter_0000008"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_launch_matches_one_node(job):
+    """Two launcher invocations (NNODES=2, 2 ranks each) form one 4-rank job (EP=2, i.e. two
+    expert-data-parallel groups; dense DP=4) that trains to the same losses as one 4-rank
+    launch, with the distributed optimizer."""
+    root, _, config = job
+    args = ["train", str(config), "parallel.ep=2", "train.iters=3", "train.save_interval=0",
+            "optim.distributed=true"]
+    one = root / "one_node"
+    one_run = subprocess.run(["launch/torchrun.sh", *args, f"train.out_dir={one}"], cwd=ROOT,
+                             env=dict(ENV, GPUS_PER_NODE="4", MASTER_PORT=str(free_port())),
+                             capture_output=True, text=True, timeout=600)
+    assert one_run.returncode == 0, one_run.stderr[-3000:]
+    two = root / "two_nodes"
+    port = str(free_port())
+    nodes = [subprocess.Popen(
+        ["launch/torchrun.sh", *args, f"train.out_dir={two}"], cwd=ROOT, env=dict(
+            ENV, NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+            GPUS_PER_NODE="2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outputs[0][-3000:] + outputs[1][-3000:]
+    assert "world 4 (tp 1, pp 1, ep 2, dp 4)" in outputs[0]
+    got, want = history(two), history(one)
+    assert sorted(got) == [1, 2, 3]
+    for step in got:
+        assert got[step]["loss"] == want[step]["loss"]
+        assert got[step]["tokens_per_s"] > 0
+
+
+def test_packing_gives_unpacked_per_sample_loss(job):
+    """Through the real model (non-zero adapters): each sample's summed token loss is the same
+    packed (block-diagonal mask, restarted positions) as alone in its own sequence."""
+    from pesc_megatron.config import ParallelConfig
+    from pesc_megatron.convert import checkpoint
+    from pesc_megatron.data import build_dataset, collate, load_tokenizer
+
+    root, ckpt, _ = job
+    model, _ = checkpoint.load(ckpt, ParallelConfig())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "linear_fc2" in name and ".experts." in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    tok = load_tokenizer(ckpt)
+    files = [root / "valid.jsonl"]
+    packed = build_dataset(files, tok, seq_length=64, packing=True, seed=3)
+    plain = build_dataset(files, tok, seq_length=64, packing=False, seed=3)
+    assert len(packed) < len(plain)
+
+    def token_losses(item):
+        b = collate([item])
+        with torch.no_grad():
+            return model(b["tokens"], b["position_ids"], b["attention_mask"],
+                         labels=b["labels"])[0] * b["loss_mask"][0]
+
+    checked = 0
+    for i in range(len(packed)):
+        losses, bounds = token_losses(packed[i]), packed.sample_boundaries(i)
+        for j, k in enumerate(packed.bins[i]):
+            alone = token_losses(plain[k])
+            n = bounds[j + 1] - bounds[j]
+            torch.testing.assert_close(losses[bounds[j]:bounds[j + 1]], alone[:n],
+                                       rtol=1e-5, atol=1e-5)
+            checked += 1
+    assert checked == 16

@@ -1,0 +1,120 @@
+"""`pesc train` jobs: YAML + overrides, the LR schedules, and every user error as one line
+with exit code 2 (config errors before any work; data errors from a real run)."""
+import math
+import subprocess
+import sys
+
+import pytest
+
+from pesc_megatron.cli import main
+from pesc_megatron.config import ConfigError, apply_overrides, load_job
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, single_rank):
+    root = tmp_path_factory.mktemp("errors")
+    ckpt = tiny.make_checkpoint(root, layers=1)
+    tiny.write_jsonl(root / "train.jsonl", tiny.records(8, 1))
+    tiny.write_jsonl(root / "valid.jsonl", tiny.records(4, 2))
+    return root, ckpt
+
+
+def job_file(setup, name="job.yaml", **sections):
+    root, ckpt = setup
+    return tiny.write_job(root / name, ckpt, root, root / "out", **sections)
+
+
+def test_overrides_and_yaml_types(setup):
+    job = load_job(str(job_file(setup)), ["optim.lr=3e-4", "train.iters=5", "data.packing=false",
+                                          "pesc.adapter_dropout=0", "data.train=[a.jsonl]"])
+    assert (job.optim.lr, job.train.iters, job.data.packing) == (3e-4, 5, False)
+    assert job.pesc == {"adapter_dropout": 0} and job.data.train == ["a.jsonl"]
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({}, ["optim.lr"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.epochs=2"], r"job.yaml: train.epochs: unknown option \(known: .*iters"),
+    (["optimizer.lr=1"], r"job.yaml: optimizer: unknown section"),
+    (["optim.lr=fast"], r"job.yaml: optim.lr: expected float, got 'fast'"),
+    (["pesc.num_experts=4"], r"pesc.num_experts: not a training-time option"),
+    (["optim.schedule=step"], r"optim.schedule='step': must be one of constant_with_warmup"),
+    (["train.global_batch_size=7"], r"train.global_batch_size=7: is not divisible by "
+                                    r"train.micro_batch_size=2"),
+    (["model.checkpoint=''"], r"job.yaml: model.checkpoint: required"),
+])
+def test_config_errors(setup, overrides, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_job(str(job_file(setup)), overrides)
+    assert "\n" not in str(e.value)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    rc = main(["train", *map(str, argv)])
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err[-1] if err else ""
+
+
+def test_cli_errors_before_any_work(setup, capsys, monkeypatch, tmp_path):
+    config = job_file(setup)
+    rc, line = run_cli(capsys, config, "train.bogus=1")
+    assert rc == 2 and line.startswith("pesc train: error: ") and "train.bogus: unknown" in line
+    # global batch 8 = micro-batch 2 x 4 data-parallel ranks x 1 per step; 3 ranks cannot.
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    rc, line = run_cli(capsys, config, "train.global_batch_size=8")
+    assert rc == 2 and ("train.global_batch_size=8 is not divisible by "
+                        "train.micro_batch_size*data-parallel size=2*3") in line
+    monkeypatch.delenv("WORLD_SIZE")
+    not_ckpt = tmp_path / "not_a_checkpoint"
+    not_ckpt.mkdir()
+    rc, line = run_cli(capsys, config, f"model.checkpoint={not_ckpt}")
+    assert rc == 2 and f"{not_ckpt}: not a pesc-megatron checkpoint" in line
+    (tmp_path / "bad.yaml").write_text("train: {iters: 3\n")
+    rc, line = run_cli(capsys, tmp_path / "bad.yaml")
+    assert rc == 2 and "bad.yaml" in line and "invalid YAML" in line
+
+
+@pytest.mark.parametrize("case", ["missing file", "malformed JSON", "no targets"])
+def test_data_errors_stop_the_run(setup, case):
+    root, _ = setup
+    data = {"missing file": root / "nope.jsonl", "malformed JSON": root / "malformed.jsonl",
+            "no targets": root / "empty_targets.jsonl"}[case]
+    (root / "malformed.jsonl").write_text('{"text": "cat dog"}\n{"text": "cat\n')
+    tiny.write_jsonl(root / "empty_targets.jsonl", [
+        {"instruction": "what is cat", "input": "", "output": ""},
+        {"messages": [{"role": "user", "content": "what is dog"},
+                      {"role": "assistant", "content": ""}]}])
+    config = job_file(setup, f"{case.replace(' ', '_')}.yaml", data={"train": [str(data)]})
+    run = subprocess.run([sys.executable, "-m", "pesc_megatron.cli", "train", str(config)],
+                         capture_output=True, text=True, timeout=300)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2, run.stderr[-2000:]
+    expected = {"missing file": f"{data}: data file not found",
+                "malformed JSON": f"{data}:2: ",
+                "no targets": "no sample with a trainable token"}[case]
+    assert lines[-1].startswith("pesc train: error: ") and expected in lines[-1], lines[-1]
+    assert not (root / "out" / "checkpoints").exists()
+
+
+def test_schedules(setup):
+    """megatron-core's scheduler as configured: lr of optimizer step n (1-based)."""
+    from pesc_megatron.train.loop import build_scheduler
+
+    class Opt:
+        param_groups = [{}]
+
+    def lrs(schedule, iters=10, warmup=4):
+        job = load_job(str(job_file(setup)), [f"optim.schedule={schedule}", "optim.lr=1.0",
+                                              "optim.min_lr=0.1", f"optim.warmup_steps={warmup}"])
+        sched, out = build_scheduler(Opt(), job, iters), []
+        for _ in range(iters):
+            out.append(Opt.param_groups[0]["lr"])
+            sched.step(1)
+        return out
+
+    warm = [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert lrs("constant_with_warmup") == pytest.approx(warm + [1.0] * 5)
+    assert lrs("linear") == pytest.approx(warm + [1 - 0.9 * k / 6 for k in range(1, 6)])
+    assert lrs("cosine") == pytest.approx(
+        warm + [0.1 + 0.45 * (1 + math.cos(math.pi * k / 6)) for k in range(1, 6)])
