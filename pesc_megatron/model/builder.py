@@ -98,6 +98,12 @@ def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
     )
     gpt.to(device())  # torch norms and buffers are made on the CPU, megatron's layers on the GPU
     freeze_base(gpt)
+    if recompute == "full" and pre_process:
+        # Full recompute wraps each layer in a reentrant autograd Function, whose output needs
+        # grad only if an input does; the frozen embedding's output does not, so without this
+        # no gradient would reach the routers and adapters (as with PEFT's
+        # enable_input_require_grads).
+        gpt.embedding.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
     return gpt
 
 
