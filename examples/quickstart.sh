@@ -28,7 +28,8 @@ AFTER=$(launch eval --ckpt "$RUN/train" --data "$VALID" --ep 2 | tail -n 1)
 stamp "6/6 export to Hugging Face and chat"
 "$BIN/pesc" convert pesc-to-hf --ckpt "$RUN/train" --out "$RUN/hf" --force
 PROMPT="What is 17 + 25?"
-ANSWER=$("$BIN/python" examples/chat.py "$RUN/hf" "$PROMPT" 2>/dev/null | tail -n 1)
+ANSWER=$("$BIN/python" examples/chat.py "$RUN/hf" "$PROMPT" 2>"$RUN/chat.log" | tail -n 1) \
+  || { echo "examples/chat.py failed, see $RUN/chat.log" >&2; exit 1; }
 echo "eval before: $BEFORE"
 echo "eval after:  $AFTER"
 echo "chat: $PROMPT -> $ANSWER"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return __import__(module, fromlist=["main"]).main(rest)
     except (ConfigError, DataError) as e:
-        print(f"pesc {ns.command}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says why
+            print(f"pesc {ns.command}: error: {e}", file=sys.stderr)
         return 2
 
 

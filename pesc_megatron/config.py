@@ -357,8 +357,8 @@ def validate_job(job: JobConfig) -> None:
 
 
 def check_batch_layout(job: JobConfig, world_size: int) -> int:
-    """Data-parallel size for this world; global batch must split into whole micro-batches per
-    data-parallel rank. Returns the number of micro-batches per rank and step."""
+    """Checks that the global batch splits into whole micro-batches per data-parallel rank of
+    this world; returns the number of micro-batches per rank and step."""
     par = job.parallel
     dp = world_size // (par.tp * par.pp)
     per_step = job.train.micro_batch_size * dp

@@ -80,6 +80,10 @@ def read_info(ckpt: str | Path) -> CheckpointInfo:
     base, trained = resolve(ckpt)
     info = _read_base_info(base)
     info.base, info.trained = base, trained
+    if trained is not None:  # the run's training-time PESC settings (capacity, dispatcher, ...)
+        state = json.loads((trained / TRAIN_META).read_text())
+        overrides = state.get("config", {}).get("resolved", {}).get("pesc") or {}
+        info.pesc = dataclasses.replace(info.pesc, **overrides)
     return info
 
 
@@ -208,6 +212,5 @@ def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
     if info.trained is not None:
         state = dist_checkpointing.load({"model": trainable_sharded_state_dict(model)},
                                         str(info.trained / WEIGHTS))
-        missing, _ = model.load_state_dict(state["model"], strict=False)
-        assert not [k for k in state["model"] if k in missing]
+        model.load_state_dict(state["model"], strict=False)
     return model, info

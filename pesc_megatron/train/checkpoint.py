@@ -25,12 +25,20 @@ from pesc_megatron.convert.checkpoint import (
     TRAIN_META,
     WEIGHTS,
     _new_partial,
+    publish,
     trainable_sharded_state_dict,
 )
 
 
 def iter_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+def _iteration(folder: Path) -> Optional[int]:
+    try:
+        return int(folder.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return None
 
 
 def find_latest(checkpoints: Path) -> Optional[Path]:
@@ -77,13 +85,14 @@ def save(checkpoints: Path, iteration: int, model, optimizer, train_state: dict,
         if rank0:
             state = dict(format=TRAIN_FORMAT, iteration=iteration, **train_state)
             (partial / TRAIN_META).write_text(json.dumps(state, indent=2) + "\n")
-            if target.exists():  # a rerun saving the same iteration again
-                shutil.rmtree(target)
-            os.replace(partial, target)
+            publish(partial, target)  # replaces a folder of the same iteration only at the end
             tmp = checkpoints / f".{LATEST}.tmp"
             tmp.write_text(target.name + "\n")
             os.replace(tmp, checkpoints / LATEST)
-            for old in sorted(checkpoints.glob("iter_*"))[:-keep_last]:
+            # Keep the newest keep_last up to this one; never touch later (abandoned) ones.
+            earlier = sorted(p for p in checkpoints.glob("iter_*")
+                             if _iteration(p) is not None and _iteration(p) <= iteration)
+            for old in earlier[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         if rank0:

@@ -34,7 +34,8 @@ def padding_item(dataset) -> dict:
 # ------------------------------------------------------------------------------------------
 def last_stage_sum(value: torch.Tensor | float | None) -> torch.Tensor:
     """Sum over data-parallel ranks of a value held identically by every tensor-parallel rank
-    of the last pipeline stage (None elsewhere)."""
+    of the last pipeline stage: an all-reduce over the world, where the other stages give 0
+    (pass None there), divided by the tensor-parallel size."""
     t = torch.zeros(1, dtype=torch.float64, device=device())
     if value is not None:
         t += torch.as_tensor(value, dtype=torch.float64, device=device())
@@ -64,8 +65,6 @@ def evaluate(model, dataset, micro_batch_size: int) -> tuple[float, int]:
     loss_sum = last_stage_sum(None if stats is None else stats["loss_sum"])
     tokens = last_stage_sum(None if stats is None else stats["tokens"])
     return (loss_sum / tokens.clamp(min=1)).item(), int(tokens.round().item())
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from pesc_megatron.config import (
 )
 from pesc_megatron.convert import checkpoint as pesc_checkpoint
 from pesc_megatron.data import DataError, build_dataset, collate, load_tokenizer
-from pesc_megatron.runtime.distributed import destroy, device, initialize, set_seed
+from pesc_megatron.runtime.distributed import destroy, initialize, set_seed
 from pesc_megatron.train import checkpoint as train_checkpoint
 from pesc_megatron.train.evaluate import evaluate, last_stage_sum
 from pesc_megatron.train.metrics import load_imbalance, pop_expert_load, pop_router_losses
@@ -69,6 +68,8 @@ def build_data(files: list, tokenizer, job: JobConfig, cache_dir: Path, packing:
             dataset = build_dataset(specs, tokenizer, builder=True, **kwargs)
         except DataError as e:
             error = [str(e)]
+        except OSError as e:  # e.g. an unwritable cache_dir: still stop every rank
+            error = [f"{e.filename or cache_dir}: {e.strerror or e}"]
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise DataError("", error[0])
@@ -80,17 +81,19 @@ def build_data(files: list, tokenizer, job: JobConfig, cache_dir: Path, packing:
 class GlobalBatches:
     """Global batch k holds the sequences at positions [k*gbs, (k+1)*gbs) of the endless
     stream of epochs, each epoch a permutation seeded by (seed, epoch). The order does not
-    depend on the parallel layout, so the data position is just the step."""
+    depend on the parallel layout, so with the same batch size and data (checked on resume)
+    the data position is the step."""
 
     def __init__(self, dataset, global_batch_size: int, seed: int):
         self.dataset, self.gbs, self.seed = dataset, global_batch_size, seed
-        self._orders: dict[int, np.ndarray] = {}
+        self._epoch, self._order_of_epoch = None, None
 
     def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
-                len(self.dataset))}
-        return self._orders[epoch]
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order_of_epoch = np.random.default_rng([self.seed, epoch]).permutation(
+                len(self.dataset))
+        return self._order_of_epoch
 
     def indices(self, step: int) -> list[int]:
         n = len(self.dataset)
@@ -120,8 +123,10 @@ class Logger:
             out_dir.mkdir(parents=True, exist_ok=True)
             if self.path.exists():  # drop rows a killed run wrote after its last checkpoint
                 rows = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= start_step]
-                self.path.write_text("".join(r + "\n" for r in rows))
+                        if _step_of(line) is not None and _step_of(line) <= start_step]
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(r + "\n" for r in rows))
+                os.replace(tmp, self.path)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -141,16 +146,25 @@ class Logger:
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(f"train/{key}" if "valid" not in key else key, value, step)
         if layer_load is not None:
+            imbalance = load_imbalance(layer_load).tolist()
             for layer, load in enumerate(layer_load.tolist(), start=1):
-                self.tb.add_scalars(f"expert_load/layer_{layer:02d}",
-                                    {f"expert_{e}": v for e, v in enumerate(load)}, step)
-                self.tb.add_scalar(f"expert_imbalance/layer_{layer:02d}",
-                                   max(load) * len(load), step)
+                for e, share in enumerate(load):
+                    self.tb.add_scalar(f"expert_load/layer_{layer:02d}/expert_{e}", share, step)
+                self.tb.add_scalar(f"expert_imbalance/layer_{layer:02d}", imbalance[layer - 1],
+                                   step)
         self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _step_of(line: str):
+    """The step of a metrics.jsonl row, None for a torn line (a kill during a write)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _duration(seconds: float) -> str:
@@ -181,7 +195,27 @@ def build_scheduler(optimizer, job: JobConfig, iters: int) -> OptimizerParamSche
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
         lr_decay_steps=max(iters, o.warmup_steps + 1), lr_decay_style=DECAY_STYLE[o.schedule],
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(iters, 1),
-        wd_incr_style="constant")
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True)
+
+
+# Settings that define the stream of global batches: a resume must not change them.
+DATA_STREAM_KEYS = (("data", "train"), ("data", "seq_length"), ("data", "packing"),
+                    ("data", "overlong"), ("data", "on_error"), ("train", "global_batch_size"),
+                    ("train", "seed"))
+
+
+def check_resumable(latest: Path, state: dict, job: JobConfig, info) -> None:
+    if Path(state["base"]) != info.base.resolve():
+        raise ConfigError(f"{latest}: was trained from base {state['base']}, but "
+                          f"model.checkpoint is {info.base.resolve()}")
+    saved = state["config"]["resolved"]
+    for section, key in DATA_STREAM_KEYS:
+        now = getattr(getattr(job, section), key)
+        if saved[section][key] != now:
+            raise ConfigError(
+                f"{section}.{key}={now!r}: {latest} was trained with {saved[section][key]!r}; "
+                "the data order would change (use a new train.out_dir)")
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -207,20 +241,25 @@ def run(job: JobConfig, config_source: dict) -> dict:
     if valid_ds is not None:
         say(f"data: valid {valid_ds.stats.summary()}")
 
-    model, info = pesc_checkpoint.load(job.model.checkpoint, job.parallel, job.model.dtype,
+    latest = train_checkpoint.find_latest(checkpoints)
+    resumed = json.loads((latest / pesc_checkpoint.TRAIN_META).read_text()) if latest else None
+    if resumed is not None:
+        check_resumable(latest, resumed, job, info)
+    # On resume the routers and adapters come from our own checkpoint: build from the base.
+    source = resumed["base"] if resumed else job.model.checkpoint
+    model, info = pesc_checkpoint.load(source, job.parallel, job.model.dtype,
                                        pesc_overrides=job.pesc, recompute=job.model.recompute)
     ddp = wrap_ddp(model, use_distributed_optimizer=job.optim.distributed)
     optimizer, scheduler = build_optimizer(ddp, job, iters)
+    if job.optim.warmup_steps >= iters:
+        say(f"warning: optim.warmup_steps={job.optim.warmup_steps} >= {iters} steps: the run "
+            f"never reaches optim.lr={job.optim.lr}")
 
     start = 0
-    latest = train_checkpoint.find_latest(checkpoints)
-    if latest is not None:
-        state = train_checkpoint.load(latest, model, optimizer)
-        if Path(state["base"]) != info.base.resolve():
-            raise ConfigError(f"{latest}: was trained from base {state['base']}, but "
-                              f"model.checkpoint is {info.base.resolve()}")
-        start = state["iteration"]
-        scheduler.load_state_dict(state["scheduler"])
+    if resumed is not None:
+        train_checkpoint.load(latest, model, optimizer)
+        start = resumed["iteration"]
+        scheduler.load_state_dict(resumed["scheduler"])  # the step; the job's settings win
         say(f"resumed from {latest} at step {start}")
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -234,14 +273,13 @@ def run(job: JobConfig, config_source: dict) -> dict:
     logger = Logger(out_dir, start)
     batches = GlobalBatches(train_ds, gbs, job.train.seed)
     num_layers = info.model.num_hidden_layers
-    coeffs = {"load_balancing_loss": info.pesc.aux_loss_coeff if "aux_loss_coeff" not in job.pesc
-              else job.pesc["aux_loss_coeff"],
-              "z_loss": job.pesc.get("z_loss_coeff", info.pesc.z_loss_coeff)}
+    coeffs = {"load_balancing_loss": info.pesc.aux_loss_coeff, "z_loss": info.pesc.z_loss_coeff}
 
     def save(step: int) -> None:
         train_checkpoint.save(checkpoints, step, model, optimizer, dict(
             base=str(info.base.resolve()),
-            init_from=str(info.trained.resolve()) if info.trained else None,
+            init_from=(resumed or {}).get("init_from") or (
+                str(info.trained.resolve()) if info.trained else None),
             scheduler=scheduler.state_dict(), consumed_samples=step * gbs,
             config=config_source), job.train.keep_last)
         say(f"saved {checkpoints / train_checkpoint.iter_name(step)}")
@@ -317,9 +355,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-4")
     args = ap.parse_args(argv)
     job = load_job(args.config, args.overrides)
-    import yaml
-
-    source = yaml.safe_load(open(args.config)) or {}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = pesc_checkpoint.read_info(job.model.checkpoint)
     pesc = dataclasses.replace(info.pesc, **job.pesc)
@@ -335,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                timeout_minutes=job.train.dist_timeout_minutes)
     try:
         row = run(job, dict(file=str(args.config), overrides=args.overrides,
-                            resolved=dataclasses.asdict(job), source=source))
+                            resolved=dataclasses.asdict(job)))
         say(json.dumps(row))
     finally:
         destroy()

@@ -110,11 +110,9 @@ def test_kill_during_checkpoint_write_keeps_previous(job, reference):
     assert (checkpoints / "latest").read_text().strip() == "iter_0000004"
     assert list(checkpoints.glob(".iter_0000008.partial-*"))  # the write that was cut short
     assert not (checkpoints / "iter_0000008").exists()
-    # The previous checkpoint loads; a rerun resumes from it and cleans the partial folder.
-    loaded = evaluate(1, out, root / "valid.jsonl")
-    assert loaded["tokens"] > 0
-    train(2, config, f"train.out_dir={out}")
-    assert not list(checkpoints.glob(".iter_*"))
+    # The previous checkpoint loads: a rerun resumes from it and cleans the partial folder.
+    run = train(2, config, f"train.out_dir={out}")
+    assert "at step 4" in run.stdout and not list(checkpoints.glob(".iter_*"))
     assert history(out)[8]["loss"] == history(reference)[8]["loss"]
 
 
@@ -145,20 +143,19 @@ def test_resume_at_other_layout(job, no_dropout):
 
 
 def test_eval_same_loss_at_every_layout(job, no_dropout):
-    root, ckpt, _ = job
+    root, _, _ = job
     valid = root / "valid.jsonl"
     single = evaluate(1, no_dropout, valid)
     assert single["records"] == 16 and single["tokens"] > 0
-    # The training run validated the same model on the same data at the end.
-    assert single["loss"] == pytest.approx(
-        [json.loads(r) for r in (no_dropout / "metrics.jsonl").read_text().splitlines()
-         if "valid_loss" in r][-1]["valid_loss"], rel=1e-5)
-    for flags in (("--ep", "2"), ("--tp", "2"), ("--pp", "2")):
+    # The training run validated the base (step 0) and the final model on the same data.
+    valid_rows = [json.loads(r) for r in (no_dropout / "metrics.jsonl").read_text()
+                  .splitlines() if "valid_loss" in r]
+    assert single["loss"] == pytest.approx(valid_rows[-1]["valid_loss"], rel=1e-5)
+    assert abs(valid_rows[0]["valid_loss"] - single["loss"]) > 1e-3  # training moved it
+    for flags in (("--ep", "2"), ("--tp", "2")):
         other = evaluate(2, no_dropout, valid, *flags)
         assert other["tokens"] == single["tokens"] and other["records"] == 16
         assert other["loss"] == pytest.approx(single["loss"], rel=1e-5), flags
-    base = evaluate(1, ckpt, valid)  # training moved the loss
-    assert abs(base["loss"] - single["loss"]) > 1e-3
 
 
 def test_training_checkpoint_is_small_and_points_to_base(job, reference):
@@ -181,6 +178,36 @@ def test_training_checkpoint_is_small_and_points_to_base(job, reference):
     assert numel(stored.values()) < 0.5 * numel(base.values())
     assert sorted(p.name for p in (reference / "checkpoints").glob("iter_*")) == [
         "iter_0000004", "iter_0000008"]
+
+
+def test_metrics_and_tensorboard(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "lm_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    for r in train_rows:
+        assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and r["expert_imbalance"] >= 1
+        assert r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"])
+    assert [r["step"] for r in rows if "valid_loss" in r] == [0, 8]
+    tb = EventAccumulator(str(reference / "tb"))
+    tb.Reload()
+    tags = set(tb.Tags()["scalars"])
+    assert {"train/lm_loss", "train/grad_norm", "valid_loss", "expert_imbalance/layer_01",
+            "expert_load/layer_02/expert_3"} <= tags
+    loads = [tb.Scalars(f"expert_load/layer_01/expert_{e}")[-1].value for e in range(4)]
+    assert sum(loads) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_resume_refuses_a_changed_data_order(job, reference):
+    root, _, config = job
+    run = subprocess.run([sys.executable, "-m", "pesc_megatron.cli", "train", str(config),
+                          f"train.out_dir={reference}", "train.global_batch_size=4",
+                          "parallel.ep=1"], env=ENV, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "pesc train: error: train.global_batch_size=4: ")
 
 
 def free_port() -> int:

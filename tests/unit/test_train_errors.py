@@ -75,26 +75,30 @@ def test_cli_errors_before_any_work(setup, capsys, monkeypatch, tmp_path):
     assert rc == 2 and "bad.yaml" in line and "invalid YAML" in line
 
 
-@pytest.mark.parametrize("case", ["missing file", "malformed JSON", "no targets"])
-def test_data_errors_stop_the_run(setup, case):
+def test_data_errors_stop_the_run(setup):
+    """A missing file, malformed JSON, and records with no trainable token: three real runs
+    (launched together to share the start-up time)."""
     root, _ = setup
-    data = {"missing file": root / "nope.jsonl", "malformed JSON": root / "malformed.jsonl",
-            "no targets": root / "empty_targets.jsonl"}[case]
     (root / "malformed.jsonl").write_text('{"text": "cat dog"}\n{"text": "cat\n')
     tiny.write_jsonl(root / "empty_targets.jsonl", [
         {"instruction": "what is cat", "input": "", "output": ""},
         {"messages": [{"role": "user", "content": "what is dog"},
                       {"role": "assistant", "content": ""}]}])
-    config = job_file(setup, f"{case.replace(' ', '_')}.yaml", data={"train": [str(data)]})
-    run = subprocess.run([sys.executable, "-m", "pesc_megatron.cli", "train", str(config)],
-                         capture_output=True, text=True, timeout=300)
-    lines = run.stderr.strip().splitlines()
-    assert run.returncode == 2, run.stderr[-2000:]
-    expected = {"missing file": f"{data}: data file not found",
-                "malformed JSON": f"{data}:2: ",
-                "no targets": "no sample with a trainable token"}[case]
-    assert lines[-1].startswith("pesc train: error: ") and expected in lines[-1], lines[-1]
-    assert not (root / "out" / "checkpoints").exists()
+    cases = {"nope.jsonl": "{}: data file not found", "malformed.jsonl": "{}:2: ",
+             "empty_targets.jsonl": "no sample with a trainable token"}
+    runs = {}
+    for name in cases:
+        config = job_file(setup, f"job_{name}.yaml", data={"train": [str(root / name)]},
+                          train={"out_dir": str(root / f"out_{name}")})
+        runs[name] = subprocess.Popen(
+            [sys.executable, "-m", "pesc_megatron.cli", "train", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for name, expected in cases.items():
+        _, err = runs[name].communicate(timeout=300)
+        last = err.strip().splitlines()[-1]
+        assert runs[name].returncode == 2, err[-2000:]
+        assert last.startswith("pesc train: error: ") and expected.format(root / name) in last
+        assert not (root / f"out_{name}" / "checkpoints").exists()
 
 
 def test_schedules(setup):
