@@ -281,3 +281,28 @@ def test_packing_gives_unpacked_per_sample_loss(job):
                                        rtol=1e-5, atol=1e-5)
             checked += 1
     assert checked == 16
+
+
+def test_export_of_a_training_checkpoint(job, reference, tmp_path):
+    """`pesc convert pesc-to-hf` on the run folder writes the trained routers and adapters."""
+    from safetensors.torch import load_file
+
+    from pesc_megatron.config import ParallelConfig
+    from pesc_megatron.convert import checkpoint
+    from pesc_megatron.convert.pesc_to_hf import export
+
+    root, ckpt, _ = job
+    out = export(reference, tmp_path / "hf")
+    tensors = {}
+    for f in out.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    model, info = checkpoint.load(reference, ParallelConfig())
+    assert info.trained.name == "iter_0000008"
+    state = model.state_dict()
+    up = tensors["model.layers.1.mlp.moe_adapter.experts.expert_2.adapter_up.weight"]
+    assert torch.count_nonzero(up) > 0  # trained (a fresh adapter's up projection is zero)
+    assert torch.equal(up, state["decoder.layers.1.mlp.experts.local_experts.2.linear_fc2"
+                                 ".weight"])
+    assert torch.equal(tensors["model.layers.0.mlp.moe_adapter.router.weight"],
+                       state["decoder.layers.0.mlp.router.weight"])
+    assert (out / "tokenizer.json").is_file()  # from the base checkpoint
