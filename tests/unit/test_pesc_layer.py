@@ -246,6 +246,11 @@ def test_activation_recompute_gives_the_same_gradients(single_rank, recompute):
     from pesc_megatron.runtime.distributed import set_seed
     from pesc_megatron.train.step import forward_backward, wrap_ddp
 
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    # Earlier tests ran backward outside megatron-core's schedules, which (in 0.19) leaves a
+    # 0-d aux-loss scale that the schedule's in-place copy of a [1] scale then rejects.
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     pesc = PESCConfig(num_experts=E, adapter_dim=8, adapter_dropout=0.1)
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     batch = dict(tokens=tokens, labels=tokens.roll(-1, 1), loss_mask=torch.ones(2, 16))
