@@ -2,7 +2,8 @@
 
     ds = build_dataset(["a.jsonl", ("b.json", 0.5)], tok, seq_length=512, packing=True,
                        cache_dir="cache/", on_error="raise")
-    ds[i]  # {"tokens", "labels", "loss_mask", "position_ids": [s], "attention_mask": [1,1,s,s]}
+    ds[i]  # {"tokens", "labels", "loss_mask", "position_ids", "padding_mask": [s],
+    #         "attention_mask": [1,1,s,s]}
 
 Files: JSONL (one record a line, blank lines ignored; errors name `file:line`) or one JSON array
 (a file whose first non-blank character is `[`; errors name `file: record i`, 0-based).
@@ -23,6 +24,8 @@ n - 1 of the seq_length positions; no label ever crosses into another sample.
   positions; position_ids restart at 0 per sample; attention_mask is block-diagonal causal,
   True = masked (megatron-core's convention); the padding tail is a block of its own so that no
   row is fully masked.
+Both carry `padding_mask` [s] (True = padding), which keeps pad positions out of the router's
+balancing loss and load statistics.
 Cache: per file, `{stem}-{key}.npz` under cache_dir, key = sha256 of (file bytes, tokenizer
 identity, FORMAT_VERSION). Only tokenisation is cached, so other seq_length/policy/weight/seed
 settings reuse it; skipped records are stored too (a later on_error="raise" still raises).
@@ -234,7 +237,8 @@ class TokenDataset(torch.utils.data.Dataset):
             attention_mask = (~allowed).view(1, 1, s, s)
         return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
                 "loss_mask": torch.from_numpy(loss_mask),
-                "position_ids": torch.from_numpy(position_ids), "attention_mask": attention_mask}
+                "position_ids": torch.from_numpy(position_ids), "attention_mask": attention_mask,
+                "padding_mask": torch.from_numpy(segment == -1)}
 
 
 def collate(batch: list[dict]) -> dict:

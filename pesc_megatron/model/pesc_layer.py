@@ -116,7 +116,9 @@ class PESCMoELayer(MoELayer):
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().route(hidden_states, padding_mask)
         with torch.no_grad():
-            self.expert_load += routing_map.sum(dim=0, dtype=torch.float64)
+            counted = routing_map if padding_mask is None else (
+                routing_map & ~padding_mask.reshape(-1, 1))
+            self.expert_load += counted.sum(dim=0, dtype=torch.float64)
         return probs, routing_map
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None,

@@ -37,7 +37,15 @@ def _forward_step(data_iterator, model):
     if position_ids is None:
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     # None: causal; packed sequences bring a block-diagonal mask (True = masked).
-    output = model(tokens, position_ids, batch.get("attention_mask"), labels=batch["labels"])
+    # padding_mask (True = padding) keeps pad positions out of the router's balancing loss and
+    # load counts. megatron-core scatters it for sequence parallelism on the first pipeline
+    # stage only, so with PP and SP together it is left out (pads are then counted).
+    padding_mask = batch.get("padding_mask")
+    config = get_model_config(model)
+    if config.pipeline_model_parallel_size > 1 and config.sequence_parallel:
+        padding_mask = None
+    output = model(tokens, position_ids, batch.get("attention_mask"), labels=batch["labels"],
+                   padding_mask=padding_mask)
     loss_mask = batch["loss_mask"].float()
 
     def loss_func(per_token_loss):

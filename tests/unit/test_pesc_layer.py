@@ -210,6 +210,37 @@ def test_expert_load_counts_every_assignment(single_rank):
     assert load_imbalance(load).item() >= 1.0
 
 
+def test_padding_is_not_routing_load(single_rank):
+    """Pad positions (padding_mask True) count neither in the expert load nor in the balancing
+    loss: the loss with padding equals the loss of the valid tokens alone."""
+    from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker,
+                                                         get_moe_layer_wise_logging_tracker)
+
+    torch.manual_seed(0)
+    layer = make_layer(topk=2, aux_loss_coeff=1.0)
+    layer.train()
+    x = torch.randn(10, 2, H)  # [s, b, h]
+    padding = torch.zeros(2, 10, dtype=torch.bool)  # [b, s], megatron-core's input layout
+    padding[0, 6:] = True
+    padding[1, 3:] = True
+
+    def balance(*args, **kwargs):
+        clear_aux_losses_tracker()
+        layer.expert_load.zero_()
+        layer(*args, **kwargs)
+        return (get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"][0].item(),
+                layer.expert_load.sum().item())
+
+    with_pad, counted = balance(x, padding_mask=padding)
+    assert counted == (6 + 3) * 2
+    valid = torch.cat([x[:6, 0], x[:3, 1]]).unsqueeze(1)  # the 9 valid tokens alone
+    alone, _ = balance(valid)
+    assert with_pad == pytest.approx(alone, rel=1e-5)
+    full, _ = balance(x)
+    assert full != pytest.approx(alone, rel=1e-3)
+    clear_aux_losses_tracker()
+
+
 def test_capacity_factor_drops_tokens(single_rank):
     layer = make_layer(capacity_factor=0.5, topk=2)
     with torch.no_grad():
