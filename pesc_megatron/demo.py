@@ -16,6 +16,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig, validate_layout
 from pesc_megatron.model.builder import build_model
 from pesc_megatron.runtime.distributed import destroy, device, initialize
+from pesc_megatron.train.evaluate import last_stage_sum
 from pesc_megatron.train.metrics import load_imbalance, pop_expert_load, pop_router_losses
 from pesc_megatron.train.step import forward_backward, wrap_ddp
 
@@ -108,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = forward_backward(ddp, mine, args.micro_batches, args.seq, 1)
         opt.step()
         # The loss lives on the last pipeline stage; average it over data-parallel ranks.
-        loss = torch.zeros(1, device=device()) if loss is None else loss.reshape(1)
-        dist.all_reduce(loss)
-        loss = loss.item() / (dp * par.tp)
+        loss = last_stage_sum(loss).item() / dp
         aux = pop_router_losses(args.micro_batches).get("load_balancing_loss")
         imbalance = load_imbalance(pop_expert_load(model, MODEL.num_hidden_layers))
         # lb_loss: E * sum_i f_i P_i averaged over layers, before the coefficient; 1.0 = uniform.

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
@@ -152,6 +152,25 @@ def save(model, out: str | Path, info: CheckpointInfo, tokenizer_files=(),
     written to a fresh folder beside it, renamed at the end, so `out` is never half-written."""
     out = Path(out)
     check_out(out, force)  # on every rank (shared file system), before any collective
+
+    def write_files(partial: Path) -> None:
+        meta = dict(format=FORMAT, model=dataclasses.asdict(info.model),
+                    pesc=dataclasses.asdict(info.pesc), dtype=info.dtype)
+        (partial / META).write_text(json.dumps(meta, indent=2) + "\n")
+        (partial / HF_CONFIG).write_text(json.dumps(info.hf_config, indent=2) + "\n")
+        if tokenizer_files:
+            (partial / TOKENIZER).mkdir()
+            for f in tokenizer_files:
+                shutil.copy2(f, partial / TOKENIZER / Path(f).name)
+
+    save_sharded(out, model.sharded_state_dict(), write_files)
+    return out
+
+
+def save_sharded(out: Path, sharded_state: dict, write_files: Callable[[Path], None]) -> None:
+    """Called on every rank: `sharded_state` through dist_checkpointing into `WEIGHTS`, then rank
+    0's `write_files(folder)`, all in a fresh hidden folder beside `out` that becomes `out` only
+    when complete (an old `out` is replaced at that moment); removed if anything fails."""
     name = [str(_new_partial(out)) if _rank0() else None]
     if dist.is_initialized():
         dist.broadcast_object_list(name, src=0)
@@ -160,23 +179,15 @@ def save(model, out: str | Path, info: CheckpointInfo, tokenizer_files=(),
         if _rank0():
             (partial / WEIGHTS).mkdir()
         _barrier()
-        dist_checkpointing.save(model.sharded_state_dict(), str(partial / WEIGHTS))
+        dist_checkpointing.save(sharded_state, str(partial / WEIGHTS))
         if _rank0():
-            meta = dict(format=FORMAT, model=dataclasses.asdict(info.model),
-                        pesc=dataclasses.asdict(info.pesc), dtype=info.dtype)
-            (partial / META).write_text(json.dumps(meta, indent=2) + "\n")
-            (partial / HF_CONFIG).write_text(json.dumps(info.hf_config, indent=2) + "\n")
-            if tokenizer_files:
-                (partial / TOKENIZER).mkdir()
-                for f in tokenizer_files:
-                    shutil.copy2(f, partial / TOKENIZER / Path(f).name)
+            write_files(partial)
             publish(partial, out)
     except BaseException:
         if _rank0():
             shutil.rmtree(partial, ignore_errors=True)
         raise
     _barrier()
-    return out
 
 
 def trainable_sharded_state_dict(model) -> dict:

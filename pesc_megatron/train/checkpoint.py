@@ -24,8 +24,7 @@ from pesc_megatron.convert.checkpoint import (
     TRAIN_FORMAT,
     TRAIN_META,
     WEIGHTS,
-    _new_partial,
-    publish,
+    save_sharded,
     trainable_sharded_state_dict,
 )
 
@@ -70,35 +69,22 @@ def save(checkpoints: Path, iteration: int, model, optimizer, train_state: dict,
     """Called on every rank. `train_state` (JSON-able) is written by rank 0."""
     rank0 = dist.get_rank() == 0
     target = checkpoints / iter_name(iteration)
-    name = [None]
     if rank0:
         for stale in checkpoints.glob(".iter_*.partial-*"):  # left by a crash mid-write
             shutil.rmtree(stale, ignore_errors=True)
-        name = [str(_new_partial(target))]
-    dist.broadcast_object_list(name, src=0)
-    partial = Path(name[0])
-    try:
-        if rank0:
-            (partial / WEIGHTS).mkdir()
-        dist.barrier()
-        dist_checkpointing.save(_sharded_state(model, optimizer), str(partial / WEIGHTS))
-        if rank0:
-            state = dict(format=TRAIN_FORMAT, iteration=iteration, **train_state)
-            (partial / TRAIN_META).write_text(json.dumps(state, indent=2) + "\n")
-            publish(partial, target)  # replaces a folder of the same iteration only at the end
-            tmp = checkpoints / f".{LATEST}.tmp"
-            tmp.write_text(target.name + "\n")
-            os.replace(tmp, checkpoints / LATEST)
-            # Keep the newest keep_last up to this one; never touch later (abandoned) ones.
-            earlier = sorted(p for p in checkpoints.glob("iter_*")
-                             if _iteration(p) is not None and _iteration(p) <= iteration)
-            for old in earlier[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        if rank0:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
-    dist.barrier()
+    state = dict(format=TRAIN_FORMAT, iteration=iteration, **train_state)
+    save_sharded(target, _sharded_state(model, optimizer), lambda folder: (
+        folder / TRAIN_META).write_text(json.dumps(state, indent=2) + "\n"))
+    if rank0:
+        tmp = checkpoints / f".{LATEST}.tmp"
+        tmp.write_text(target.name + "\n")
+        os.replace(tmp, checkpoints / LATEST)
+        # Keep the newest keep_last up to this one; never touch later (abandoned) ones.
+        earlier = sorted(p for p in checkpoints.glob("iter_*")
+                         if _iteration(p) is not None and _iteration(p) <= iteration)
+        for old in earlier[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # `latest` is written before any rank goes on
     return target
 
 
