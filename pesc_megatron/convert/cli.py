@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--format", choices=["camelidae", "dense"], default="camelidae",
                    help="dense: the source architecture without experts (adapters must be 0)")
     b.add_argument("--max-shard-gb", type=float, default=5.0)
+    b.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge trained LoRA into the base weights (default); --no-merge-lora "
+                   "keeps the base unchanged and writes a PEFT adapter to OUT/lora/")
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = ap.parse_args(argv)
 
@@ -44,6 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         from pesc_megatron.convert.pesc_to_hf import export
 
         out = export(args.ckpt, args.out, fmt=args.format, force=args.force,
-                     max_shard_gb=args.max_shard_gb)
+                     max_shard_gb=args.max_shard_gb, merge=args.merge_lora)
     print(f"wrote {out}")
     return 0

@@ -51,6 +51,28 @@ PESC_RULES = (
          (_MLP + "moe_adapter.experts.expert_{E}.adapter_up.weight",)),
 )
 
+# LoRA (model/lora.py): each target's megatron-core linear and Hugging Face module in layer L.
+LORA_MODULES = {
+    "q_proj": ("self_attention.linear_qkv", "self_attn.q_proj"),
+    "k_proj": ("self_attention.linear_qkv", "self_attn.k_proj"),
+    "v_proj": ("self_attention.linear_qkv", "self_attn.v_proj"),
+    "o_proj": ("self_attention.linear_proj", "self_attn.o_proj"),
+    "gate_proj": ("mlp.shared_experts.linear_fc1", "mlp.gate_proj"),
+    "up_proj": ("mlp.shared_experts.linear_fc1", "mlp.up_proj"),
+    "down_proj": ("mlp.shared_experts.linear_fc2", "mlp.down_proj"),
+}
+
+
+def lora_pairs(state: dict, targets, num_layers: int):
+    """Yields (Hugging Face module name, A, B) for every LoRA pair in a TP=1 state dict."""
+    for layer in range(num_layers):
+        for t in targets:
+            linear, module = LORA_MODULES[t]
+            key = f"decoder.layers.{layer}.{linear}.lora.{t}."
+            yield (f"model.layers.{layer}.{module}", state[key + "lora_A.weight"],
+                   state[key + "lora_B.weight"])
+
+
 ARCHITECTURES = {
     "LlamaForCausalLM": DENSE_RULES,  # Llama 2/3, Yi, SmolLM
     "MistralForCausalLM": DENSE_RULES,

@@ -10,7 +10,7 @@ import torch
 
 from pesc_megatron.config import ConfigError, ParallelConfig
 from pesc_megatron.convert import checkpoint
-from pesc_megatron.convert.mapping import expand, rules_for, to_hf
+from pesc_megatron.convert.mapping import expand, lora_pairs, rules_for, to_hf
 from pesc_megatron.model.builder import DTYPES
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
@@ -63,9 +63,36 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byte
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+LORA_DIR = "lora"  # --no-merge-lora: the PEFT adapter, loadable with PeftModel.from_pretrained
+
+
+def peft_adapter(state: dict, info: checkpoint.CheckpointInfo) -> tuple[dict, dict]:
+    """(tensors, adapter_config.json) of the LoRA weights in PEFT's saved layout."""
+    lora = info.lora
+    tensors = {}
+    for module, a, b in lora_pairs(state, lora.targets, info.model.num_hidden_layers):
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path="..",
+                  r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                  target_modules=sorted(lora.targets), bias="none", fan_in_fan_out=False,
+                  inference_mode=True)
+    return tensors, config
+
+
+def merge_lora(tensors: dict, state: dict, info: checkpoint.CheckpointInfo) -> None:
+    """W += (alpha / r) * B A for every LoRA pair, computed in float64."""
+    scale = info.lora.alpha / info.lora.rank
+    for module, a, b in lora_pairs(state, info.lora.targets, info.model.num_hidden_layers):
+        w = tensors[module + ".weight"]
+        tensors[module + ".weight"] = (w.double() + scale * (b.double() @ a.double())).to(w.dtype)
+
+
 def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: bool = False,
-           max_shard_gb: float = 5.0) -> Path:
-    """Writes `out` atomically (a `.partial` folder renamed at the end). Single process."""
+           max_shard_gb: float = 5.0, merge: bool = True) -> Path:
+    """Writes `out` atomically (a `.partial` folder renamed at the end). Single process.
+    LoRA, if the checkpoint has it, is merged into the base weights, or with `merge=False`
+    written beside them as a PEFT adapter in `out/lora/`."""
     from pesc_megatron.runtime.distributed import initialize
 
     ckpt, out = Path(ckpt), Path(out)
@@ -92,6 +119,13 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: boo
         for name, t in zip(hf_names, to_hf(kind, state[mname], info.model)):
             tensors[name] = t.contiguous()
 
+    adapter = None
+    if info.lora.enabled:
+        if merge:
+            merge_lora(tensors, state, info)
+        else:
+            adapter = peft_adapter(state, info)
+
     config = dict(info.hf_config) if dense else camelidae_config(info)
     config.pop("torch_dtype", None)  # transformers 5 reads `dtype`
     config["dtype"] = _hf_dtype(info.dtype)
@@ -101,6 +135,14 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: boo
         if not dense:
             for f in MODELING_FILES:
                 shutil.copy2(MODELING_DIR / f, partial / f)
+        if adapter is not None:
+            from safetensors.torch import save_file
+
+            (partial / LORA_DIR).mkdir()
+            save_file(adapter[0], str(partial / LORA_DIR / "adapter_model.safetensors"),
+                      metadata={"format": "pt"})
+            (partial / LORA_DIR / "adapter_config.json").write_text(
+                json.dumps(adapter[1], indent=2) + "\n")
         tokenizer = info.base / checkpoint.TOKENIZER
         if tokenizer.is_dir():
             for f in tokenizer.iterdir():

@@ -6,7 +6,14 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig, validate_layout
+from pesc_megatron.config import (
+    LoRAConfig,
+    ModelConfig,
+    ParallelConfig,
+    PESCConfig,
+    validate_layout,
+    validate_lora,
+)
 from pesc_megatron.model.pesc_layer import PESCTransformerConfig
 from pesc_megatron.model.spec import get_pesc_block_spec
 from pesc_megatron.runtime.distributed import device
@@ -17,12 +24,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 
 def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
                        dtype: str = "fp32", initialize: bool = True,
-                       recompute: str = "none") -> PESCTransformerConfig:
+                       recompute: str = "none",
+                       lora: LoRAConfig | None = None) -> PESCTransformerConfig:
     """The single megatron-core config for the model (Llama-family defaults: no dropout).
     `initialize=False` skips the random init of the frozen base (it is about to be loaded);
     routers and adapters are always initialised (see pesc_layer). `recompute`: none, selective
-    (core attention, megatron-core's default modules) or full (every layer's activations)."""
+    (core attention, megatron-core's default modules) or full (every layer's activations).
+    `lora`: LoRA on the frozen base's projections (None: none)."""
     validate_layout(model, pesc, parallel)
+    lora = lora or LoRAConfig()
+    validate_lora(lora, model)
     params_dtype = DTYPES[dtype]
     recompute_options = {} if recompute == "none" else dict(recompute_granularity=recompute)
     if recompute == "full":
@@ -68,17 +79,21 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
         pesc_adapter_scaling=pesc.adapter_scaling,
         pesc_adapter_dropout=pesc.adapter_dropout,
         pesc_adapter_activation=pesc.adapter_activation,
+        pesc_lora_targets=tuple(lora.targets),
+        pesc_lora_rank=lora.rank,
+        pesc_lora_alpha=lora.alpha,
+        pesc_lora_dropout=lora.dropout,
     )
 
 
 def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
                 dtype: str = "fp32", pre_process: bool | None = None,
                 post_process: bool | None = None, initialize: bool = True,
-                recompute: str = "none") -> GPTModel:
-    """One pipeline stage of the PESC GPTModel, frozen except router and adapters.
+                recompute: str = "none", lora: LoRAConfig | None = None) -> GPTModel:
+    """One pipeline stage of the PESC GPTModel, frozen except routers, adapters and LoRA.
 
     Needs `parallel_state` initialised with the same layout (see runtime.initialize)."""
-    config = transformer_config(model, pesc, parallel, dtype, initialize, recompute)
+    config = transformer_config(model, pesc, parallel, dtype, initialize, recompute, lora)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
@@ -108,8 +123,8 @@ def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
 
 
 def is_trainable(name: str) -> bool:
-    """PESC trains the routers and the adapter experts; everything else is the frozen base."""
-    return ".mlp.router." in name or ".mlp.experts." in name
+    """PESC trains the routers, the adapter experts and LoRA (if any); the rest is frozen."""
+    return ".mlp.router." in name or ".mlp.experts." in name or ".lora." in name
 
 
 def freeze_base(model: torch.nn.Module) -> None:

@@ -32,6 +32,11 @@ class PESCTransformerConfig(TransformerConfig):
     pesc_adapter_scaling: float = 0.25
     pesc_adapter_dropout: float = 0.1
     pesc_adapter_activation: str = "gelu"
+    # LoRA on the frozen base (model/lora.py); no targets: none.
+    pesc_lora_targets: tuple = ()
+    pesc_lora_rank: int = 64
+    pesc_lora_alpha: float = 16.0
+    pesc_lora_dropout: float = 0.1
 
 
 def adapter_config(config: PESCTransformerConfig) -> PESCTransformerConfig:

@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from pesc_megatron.model.lora import LINEAR_TARGETS, LORA_LINEARS
 from pesc_megatron.model.norm import SequenceParallelTorchNorm
 from pesc_megatron.model.pesc_layer import PESCAdapterExperts, PESCMoELayer
 
@@ -32,32 +33,48 @@ logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
     _DropUnknownMLPWarning())
 
 
-def pesc_mlp_spec(linear_col=ColumnParallelLinear, linear_row=RowParallelLinear) -> ModuleSpec:
-    linears = MLPSubmodules(linear_fc1=linear_col, linear_fc2=linear_row)
+def _linear(name: str, default, lora_targets) -> type:
+    """megatron-core's linear `default`, or its LoRA version if one of its projections is a
+    LoRA target."""
+    wanted = set(LINEAR_TARGETS[name]) & set(lora_targets)
+    return LORA_LINEARS[name] if wanted else default
+
+
+def pesc_mlp_spec(lora_targets=()) -> ModuleSpec:
+    adapters = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    shared = MLPSubmodules(
+        linear_fc1=_linear("linear_fc1", ColumnParallelLinear, lora_targets),
+        linear_fc2=_linear("linear_fc2", RowParallelLinear, lora_targets))
     return ModuleSpec(
         module=PESCMoELayer,
         submodules=MoESubmodules(
-            experts=ModuleSpec(module=PESCAdapterExperts, submodules=linears),
+            experts=ModuleSpec(module=PESCAdapterExperts, submodules=adapters),
             # MoELayer passes gate=config.moe_shared_expert_gate (False by default).
-            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=linears),
+            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=shared),
         ),
     )
 
 
-def get_pesc_layer_local_spec(num_experts: int, normalization: str = "RMSNorm") -> ModuleSpec:
-    """megatron-core's local (no TE, no apex) GPT layer with PESC's MLP and SP-capable norms."""
+def get_pesc_layer_local_spec(num_experts: int, normalization: str = "RMSNorm",
+                              lora_targets=()) -> ModuleSpec:
+    """megatron-core's local (no TE, no apex) GPT layer with PESC's MLP, SP-capable norms and
+    LoRA on the targeted projections."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts,
                                                   normalization=normalization))
     sub = spec.submodules
     sub.input_layernorm = SequenceParallelTorchNorm
     sub.pre_mlp_layernorm = SequenceParallelTorchNorm
-    sub.mlp = pesc_mlp_spec()
+    attn = sub.self_attention.submodules
+    attn.linear_qkv = _linear("linear_qkv", attn.linear_qkv, lora_targets)
+    attn.linear_proj = _linear("linear_proj", attn.linear_proj, lora_targets)
+    sub.mlp = pesc_mlp_spec(lora_targets)
     return spec
 
 
 def get_pesc_block_spec(config, vp_stage=None) -> TransformerBlockSubmodules:
     """This pipeline stage's layers, with the SP-capable final norm."""
-    layer = get_pesc_layer_local_spec(config.num_moe_experts, config.normalization)
+    layer = get_pesc_layer_local_spec(config.num_moe_experts, config.normalization,
+                                      config.pesc_lora_targets)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers,
                                       layer_norm=SequenceParallelTorchNorm)

@@ -27,9 +27,12 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from pesc_megatron.config import (
     ConfigError,
     JobConfig,
+    LoRAConfig,
     check_batch_layout,
+    from_dict,
     load_job,
     validate_layout,
+    validate_lora,
 )
 from pesc_megatron.convert import checkpoint as pesc_checkpoint
 from pesc_megatron.data import DataError, build_dataset, collate, load_tokenizer
@@ -210,6 +213,11 @@ def check_resumable(latest: Path, state: dict, job: JobConfig, info) -> None:
         raise ConfigError(f"{latest}: was trained from base {state['base']}, but "
                           f"model.checkpoint is {info.base.resolve()}")
     saved = state["config"]["resolved"]
+    saved_lora = from_dict(LoRAConfig, saved.get("lora") or {})
+    if pesc_checkpoint.lora_shape(saved_lora) != pesc_checkpoint.lora_shape(job.lora):
+        raise ConfigError(f"lora: {latest} was trained with LoRA "
+                          f"{pesc_checkpoint.lora_shape(saved_lora)}, the job asks for "
+                          f"{pesc_checkpoint.lora_shape(job.lora)} (use a new train.out_dir)")
     for section, key in DATA_STREAM_KEYS:
         now = getattr(getattr(job, section), key)
         if saved[section][key] != now:
@@ -248,7 +256,8 @@ def run(job: JobConfig, config_source: dict) -> dict:
     # On resume the routers and adapters come from our own checkpoint: build from the base.
     source = resumed["base"] if resumed else job.model.checkpoint
     model, info = pesc_checkpoint.load(source, job.parallel, job.model.dtype,
-                                       pesc_overrides=job.pesc, recompute=job.model.recompute)
+                                       pesc_overrides=job.pesc, lora=job.lora,
+                                       recompute=job.model.recompute)
     ddp = wrap_ddp(model, use_distributed_optimizer=job.optim.distributed)
     optimizer, scheduler = build_optimizer(ddp, job, iters)
     if job.optim.warmup_steps >= iters:
@@ -360,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     pesc = dataclasses.replace(info.pesc, **job.pesc)
     try:
         validate_layout(info.model, pesc, job.parallel, world)
+        validate_lora(job.lora, info.model)
+        pesc_checkpoint.check_lora(info, job.lora, job.model.checkpoint)
     except ConfigError as e:
         raise ConfigError(f"{args.config}: {e}") from None
     check_batch_layout(job, world)

@@ -14,6 +14,14 @@ LAYOUTS = {
 }
 
 
+# LoRA on all seven projections (routers, adapters and LoRA A/B all non-zero).
+LORA_LAYOUTS = {
+    "lora_tp2_sp": (2, dict(tp=2, lora=True)),
+    "lora_tp2_ep2": (4, dict(tp=2, ep=2, lora=True)),
+    "lora_pp2": (2, dict(pp=2, lora=True)),
+}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
@@ -21,10 +29,25 @@ def reference(tmp_path_factory):
     return root, torch.load(root / "ref.pt")
 
 
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity_lora")
+    spawn(parity_worker, 1, {"lora": True}, str(root / "ckpt"), str(root / "ref.pt"))
+    return root, torch.load(root / "ref.pt")
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_rank(reference, name):
+    check_layout(reference, *LAYOUTS[name], name)
+
+
+@pytest.mark.parametrize("name", list(LORA_LAYOUTS))
+def test_lora_layout_matches_single_rank(lora_reference, name):
+    check_layout(lora_reference, *LORA_LAYOUTS[name], name)
+
+
+def check_layout(reference, world, layout, name):
     root, ref = reference
-    world, layout = LAYOUTS[name]
     spawn(parity_worker, world, layout, str(root / "ckpt"), str(root / f"{name}.pt"))
     got = torch.load(root / f"{name}.pt")
     assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])

@@ -14,6 +14,8 @@ TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   max_position_embeddings=64)
 TINY_PESC = dict(num_experts=4, topk=2, adapter_dim=16, adapter_scaling=0.5,
                  adapter_dropout=0.0, aux_loss_coeff=0.01, z_loss_coeff=0.001)
+TINY_LORA = dict(targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj"], rank=4, alpha=8.0, dropout=0.0)
 SEQ, GLOBAL_BATCH = 8, 4
 
 
@@ -55,17 +57,18 @@ def parity_worker(layout: dict, ckpt_dir: str, out_path: str) -> None:
     from megatron.core import dist_checkpointing, parallel_state as ps
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
+    from pesc_megatron.config import LoRAConfig, ModelConfig, ParallelConfig, PESCConfig
     from pesc_megatron.model.builder import build_model
     from pesc_megatron.runtime.distributed import destroy, initialize
     from pesc_megatron.train.step import forward_backward, wrap_ddp
 
     layout = dict(layout)
     dispatcher = layout.pop("dispatcher", "alltoall")
+    lora = LoRAConfig(**TINY_LORA) if layout.pop("lora", False) else None
     par = ParallelConfig(**layout)
     initialize(par, seed=7)
     pesc = PESCConfig(**{**TINY_PESC, "dispatcher": dispatcher})
-    model = build_model(ModelConfig(**TINY_MODEL), pesc, par)
+    model = build_model(ModelConfig(**TINY_MODEL), pesc, par, lora=lora)
     reference = not os.path.exists(ckpt_dir)
     if reference:  # non-zero adapters so that every trainable tensor has a gradient
         assert dist.get_world_size() == 1
@@ -97,7 +100,13 @@ def parity_worker(layout: dict, ckpt_dir: str, out_path: str) -> None:
         if "local_experts" in parts:
             i = parts.index("local_experts") + 1
             parts[i] = str(int(parts[i]) + ps.get_expert_model_parallel_rank() * n_local)
-        grads[".".join(parts)] = p.main_grad.detach().clone()
+        grad = p.main_grad.detach().clone()
+        split = getattr(p, "tensor_model_parallel", False)
+        if ".lora." in name and split and par.tp > 1:  # LoRA's A or B split over TP
+            shards = [torch.empty_like(grad) for _ in range(par.tp)]
+            dist.all_gather(shards, grad, group=ps.get_tensor_model_parallel_group())
+            grad = torch.cat(shards, dim=p.partition_dim)
+        grads[".".join(parts)] = grad
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (loss, grads))
     if dist.get_rank() == 0:

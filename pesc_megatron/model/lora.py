@@ -1,0 +1,187 @@
+"""LoRA on the frozen base's projections, as PEFT applies it to the Hugging Face model:
+
+    y = W x + (alpha / r) * B A dropout(x)      (A: r x in, B: out x r, B = 0 at init)
+
+megatron-core fuses q/k/v into `linear_qkv` and gate/up into the shared FFN's `linear_fc1`; each
+Hugging Face projection still gets its own A and B, so that merging gives exactly what PEFT would
+(and the paper's parameter count). Tensor parallelism follows the base weight's split, and all
+communication is on the rank-r activations:
+
+- column-parallel base (qkv, fc1): A is replicated and reads this rank's sequence shard; the
+  r-wide result is gathered over the sequence, and B is split on its output like the base.
+  A's gradient covers only the local tokens and is summed over TP by megatron-core's
+  finalize_model_grads (the `sequence_parallel` attribute, as for the norms).
+- row-parallel base (proj, fc2): A is split on its input like the base; its r-wide output is
+  reduced as the base's (reduce-scattered with sequence parallelism), and B is replicated
+  (gradient summed over TP likewise).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.module import MegatronModule
+
+from pesc_megatron.model.pesc_layer import adapter_dropout
+
+# The Hugging Face projections of each megatron-core linear, in the order of its output rows.
+LINEAR_TARGETS = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
+}
+
+
+def _uniform_init(fan_in: int):
+    """PEFT's init of A (kaiming uniform, a=sqrt(5)), with the fan-in of the whole matrix even
+    when this rank holds a shard of it."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda weight: torch.nn.init.uniform_(weight, -bound, bound)
+
+
+def _lora_config(config, sequence_parallel: bool):
+    """LoRA weights are always initialised (the base checkpoint has none to load)."""
+    cfg = copy.copy(config)
+    cfg.perform_initialization = True
+    cfg.sequence_parallel = sequence_parallel
+    return cfg
+
+
+def _replicated(in_features: int, out_features: int, config, init) -> torch.nn.Linear:
+    linear = torch.nn.Linear(in_features, out_features, bias=False, dtype=config.params_dtype)
+    with torch.no_grad():
+        init(linear.weight)
+    # Replicated over TP but fed sequence shards: megatron-core sums its gradient over TP.
+    linear.weight.sequence_parallel = config.sequence_parallel
+    return linear
+
+
+class LoRAPair(MegatronModule):
+    """One projection's A (`lora_A`) and B (`lora_B`); their layout depends on the base's."""
+
+    def __init__(self, config, in_features: int, out_features: int, column: bool):
+        super().__init__(config)
+        r = config.pesc_lora_rank
+        zeros = torch.nn.init.zeros_
+        if column:
+            self.lora_A = _replicated(in_features, r, config, _uniform_init(in_features))
+            # Its input is the gathered full sequence: no sequence parallelism inside B.
+            self.lora_B = ColumnParallelLinear(
+                r, out_features, config=_lora_config(config, False), init_method=zeros,
+                bias=False, gather_output=False)
+        else:
+            self.lora_A = RowParallelLinear(
+                in_features, r, config=_lora_config(config, config.sequence_parallel),
+                init_method=_uniform_init(in_features), bias=False, input_is_parallel=True,
+                skip_bias_add=True)
+            self.lora_B = _replicated(r, out_features, config, zeros)
+
+
+class LoRA(MegatronModule):
+    """The LoRA updates of one megatron-core linear (`name`, a key of LINEAR_TARGETS) for the
+    targeted projections among its parts; `forward(x)` is the update of the base's local
+    output for the base's input x."""
+
+    def __init__(self, config, name: str, input_size: int, output_size: int):
+        super().__init__(config)
+        self.column = name in ("linear_qkv", "linear_fc1")
+        self.name = name
+        self.scaling = config.pesc_lora_alpha / config.pesc_lora_rank
+        self.dropout = config.pesc_lora_dropout
+        self.rank = config.pesc_lora_rank
+        sizes = self._part_sizes(config, name, input_size, output_size)
+        self.parts = [t for t in LINEAR_TARGETS[name] if t in config.pesc_lora_targets]
+        for part in self.parts:
+            self.add_module(part, LoRAPair(config, input_size, sizes[part], self.column))
+        if name == "linear_qkv":
+            tp = config.tensor_model_parallel_size
+            self.local_groups = config.num_query_groups // tp
+            self.local_sizes = {t: sizes[t] // tp for t in LINEAR_TARGETS[name]}
+        elif self.column:
+            self.local_sizes = {t: sizes[t] // config.tensor_model_parallel_size
+                                for t in LINEAR_TARGETS[name]}
+
+    @staticmethod
+    def _part_sizes(config, name, input_size, output_size) -> dict[str, int]:
+        if name == "linear_qkv":
+            q = config.num_attention_heads * config.kv_channels
+            kv = config.num_query_groups * config.kv_channels
+            assert q + 2 * kv == output_size, (q, kv, output_size)
+            return {"q_proj": q, "k_proj": kv, "v_proj": kv}
+        if name == "linear_fc1":
+            return {"gate_proj": output_size // 2, "up_proj": output_size // 2}
+        return {LINEAR_TARGETS[name][0]: output_size}
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.dropout == 0:
+            return x
+        # x differs over TP ranks (a sequence or hidden shard): TP-rank-specific masks.
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return adapter_dropout(x, self.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = [getattr(self, p) for p in self.parts]
+        if not self.column:
+            h, _ = pairs[0].lora_A(self._dropout(x))
+            return pairs[0].lora_B(h) * self.scaling
+        # Each projection draws its own dropout mask, as PEFT's per-module dropout.
+        h = torch.cat([pair.lora_A(self._dropout(x)) for pair in pairs], dim=-1)
+        if self.config.sequence_parallel:
+            # Backward splits instead of reduce-scattering: B's input gradient is all-reduced
+            # over TP inside B, so every rank already holds the full gradient.
+            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
+        outs = {p: pair.lora_B(hp)[0] for p, pair, hp in zip(self.parts, pairs,
+                                                             h.split(self.rank, dim=-1))}
+        return self._assemble(outs, h) * self.scaling
+
+    def _assemble(self, outs: dict, like: torch.Tensor) -> torch.Tensor:
+        """The parts' local outputs in the base's local output layout (zeros for parts
+        without LoRA): per query group q, k, v for qkv; gate then up for fc1."""
+        if len(outs) == len(LINEAR_TARGETS[self.name]) == 1:
+            return next(iter(outs.values()))
+        lead = like.shape[:-1]
+        full = [outs.get(t, like.new_zeros(*lead, self.local_sizes[t]))
+                for t in LINEAR_TARGETS[self.name]]
+        if self.name == "linear_qkv":
+            full = [t.reshape(*lead, self.local_groups, -1) for t in full]
+            return torch.cat(full, dim=-1).reshape(*lead, -1)
+        return torch.cat(full, dim=-1)
+
+
+def _with_lora(base_cls, name: str):
+    """`base_cls` (megatron-core's column- or row-parallel linear) plus LoRA in `self.lora`."""
+
+    class LoRALinear(base_cls):
+        def __init__(self, input_size, output_size, *, config, **kwargs):
+            super().__init__(input_size, output_size, config=config, **kwargs)
+            assert not getattr(self, "gather_output", False)
+            self.lora = LoRA(config, name, input_size, output_size)
+
+        def forward(self, input_, *args, **kwargs):
+            output, bias = super().forward(input_, *args, **kwargs)
+            return output + self.lora(input_), bias
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            # The base class would save every entry with the base weight's TP axis; the LoRA
+            # entries come from LoRA's own (column/row-parallel and replicated) layers instead.
+            out = {k: v for k, v in super().sharded_state_dict(prefix, sharded_offsets,
+                                                                metadata).items()
+                   if not k.startswith(f"{prefix}lora.")}
+            out.update(self.lora.sharded_state_dict(f"{prefix}lora.", sharded_offsets, metadata))
+            return out
+
+    LoRALinear.__name__ = LoRALinear.__qualname__ = f"LoRA{base_cls.__name__}_{name}"
+    return LoRALinear
+
+
+LORA_LINEARS = {
+    "linear_qkv": _with_lora(ColumnParallelLinear, "linear_qkv"),
+    "linear_proj": _with_lora(RowParallelLinear, "linear_proj"),
+    "linear_fc1": _with_lora(ColumnParallelLinear, "linear_fc1"),
+    "linear_fc2": _with_lora(RowParallelLinear, "linear_fc2"),
+}

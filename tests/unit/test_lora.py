@@ -1,0 +1,118 @@
+"""LoRA on the frozen base: each LoRA linear equals its base with PEFT's merged weight
+W + (alpha/r) B A (built in Hugging Face's per-projection layout, then fused by the converter's
+own mapping), a fresh LoRA changes nothing, the trainable set, and the configuration errors."""
+import pytest
+import torch
+
+from pesc_megatron.config import (
+    LORA_TARGETS,
+    ConfigError,
+    LoRAConfig,
+    ModelConfig,
+    ParallelConfig,
+    PESCConfig,
+    validate_lora,
+)
+
+MODEL = ModelConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+PESC = PESCConfig(num_experts=4, adapter_dim=8, adapter_dropout=0.0)
+
+
+def build(targets, rank=4, alpha=8.0, dtype="fp64"):
+    from pesc_megatron.model.builder import build_model
+
+    lora = LoRAConfig(targets=list(targets), rank=rank, alpha=alpha, dropout=0.0)
+    return build_model(MODEL, PESC, ParallelConfig(), dtype=dtype, lora=lora)
+
+
+def merged_weight(linear, name):
+    """The base weight plus every targeted projection's (alpha/r) B A, fused like the base."""
+    from pesc_megatron.convert.mapping import to_megatron
+    from pesc_megatron.model.lora import LINEAR_TARGETS
+
+    lora = linear.lora
+    kind = {"linear_qkv": "qkv", "linear_fc1": "gate_up"}.get(name, "copy")
+    deltas = []
+    for t in LINEAR_TARGETS[name]:
+        pair = getattr(lora, t, None)
+        base_rows = {"q_proj": 32, "k_proj": 16, "v_proj": 16, "gate_proj": 48,
+                     "up_proj": 48}.get(t, linear.weight.shape[0])
+        if pair is None:
+            deltas.append(torch.zeros(base_rows, linear.weight.shape[1], dtype=torch.float64))
+        else:
+            deltas.append(lora.scaling * pair.lora_B.weight @ pair.lora_A.weight)
+    return linear.weight + to_megatron(kind, deltas, MODEL)
+
+
+@pytest.mark.parametrize("targets", [LORA_TARGETS, ("q_proj", "v_proj"),
+                                     ("up_proj", "o_proj", "k_proj"), ("gate_proj",)])
+def test_lora_linear_equals_merged_weight(single_rank, targets):
+    torch.manual_seed(0)
+    model = build(targets).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora." in name:
+                p.normal_(0, 0.3)
+    layer = model.decoder.layers[1]
+    linears = {"linear_qkv": layer.self_attention.linear_qkv,
+               "linear_proj": layer.self_attention.linear_proj,
+               "linear_fc1": layer.mlp.shared_experts.linear_fc1,
+               "linear_fc2": layer.mlp.shared_experts.linear_fc2}
+    checked = 0
+    for name, linear in linears.items():
+        if not hasattr(linear, "lora"):
+            continue
+        x = torch.randn(5, 2, linear.weight.shape[1], dtype=torch.float64)
+        with torch.no_grad():
+            got, _ = linear(x)
+            want = x @ merged_weight(linear, name).T
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+        assert (got - x @ linear.weight.T).abs().max() > 1e-3  # LoRA did contribute
+        checked += 1
+    from pesc_megatron.model.lora import LINEAR_TARGETS
+
+    assert checked == sum(bool(set(v) & set(targets)) for v in LINEAR_TARGETS.values())
+
+
+def test_fresh_lora_changes_nothing_and_is_trainable(single_rank):
+    from pesc_megatron.model.builder import build_model
+
+    torch.manual_seed(1)
+    plain = build_model(MODEL, PESC, ParallelConfig(), dtype="fp64").eval()
+    with_lora = build(LORA_TARGETS).eval()
+    missing, unexpected = with_lora.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".lora." in k for k in missing)
+    tokens = torch.randint(0, 64, (2, 9))
+    pos = torch.arange(9).expand(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(with_lora(tokens, pos, None), plain(tokens, pos, None),
+                                   rtol=0, atol=0)
+    lora = {n: p for n, p in with_lora.named_parameters() if ".lora." in n}
+    assert len(lora) == 2 * 7 * MODEL.num_hidden_layers
+    assert all(p.requires_grad for p in lora.values())
+    assert all(torch.count_nonzero(p) == 0 for n, p in lora.items() if "lora_B" in n)
+    assert all(torch.count_nonzero(p) == p.numel() for n, p in lora.items() if "lora_A" in n)
+    frozen = [n for n, p in with_lora.named_parameters() if not p.requires_grad]
+    assert all(".lora." not in n and ".router." not in n for n in frozen)
+
+
+@pytest.mark.parametrize("lora,message", [
+    (LoRAConfig(targets=["q_proj", "qkv_proj"]), r"lora.targets: 'qkv_proj' matches no module"),
+    (LoRAConfig(targets="q_proj"), r"lora.targets='q_proj': expected a list"),
+    (LoRAConfig(targets=["q_proj", "q_proj"]), r"listed twice"),
+    (LoRAConfig(targets=["q_proj"], rank=0), r"lora.rank=0: must be >= 1"),
+    (LoRAConfig(targets=["q_proj"], rank=-4), r"lora.rank=-4: must be >= 1"),
+    (LoRAConfig(targets=["k_proj"], rank=17),
+     r"lora.rank=17: larger than k_proj \(32 inputs, 16 outputs\); use at most 16"),
+    (LoRAConfig(targets=["q_proj"], rank=4, alpha=0), r"lora.alpha=0: must be > 0"),
+    (LoRAConfig(targets=["q_proj"], rank=4, dropout=1.0), r"lora.dropout=1.0: must be in \[0, 1\)"),
+])
+def test_bad_lora_settings(lora, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        validate_lora(lora, MODEL)
+    assert "\n" not in str(e.value)
+
+
+def test_rank_16_fits_k_proj():
+    validate_lora(LoRAConfig(targets=["k_proj"], rank=16), MODEL)
