@@ -13,6 +13,7 @@ COMMANDS = {
     "convert": ("pesc_megatron.convert.cli", "Hugging Face <-> PESC checkpoints"),
     "train": ("pesc_megatron.train.loop", "instruction-tune a PESC checkpoint (YAML config)"),
     "eval": ("pesc_megatron.train.evaluate", "mean loss of a checkpoint on a data file"),
+    "info": ("pesc_megatron.info", "parameter counts (dense, routers, adapters, LoRA)"),
     "demo": ("pesc_megatron.demo", "craft a small random model and train its experts (CPU)"),
     "bench": (None, "benchmarks: `pesc bench layer`"),
 }

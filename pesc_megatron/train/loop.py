@@ -36,6 +36,7 @@ from pesc_megatron.config import (
 )
 from pesc_megatron.convert import checkpoint as pesc_checkpoint
 from pesc_megatron.data import DataError, build_dataset, collate, load_tokenizer
+from pesc_megatron.model.size import count_parameters
 from pesc_megatron.runtime.distributed import destroy, initialize, set_seed
 from pesc_megatron.train import checkpoint as train_checkpoint
 from pesc_megatron.train.evaluate import evaluate, last_stage_sum
@@ -274,10 +275,13 @@ def run(job: JobConfig, config_source: dict) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     par = job.parallel
+    counts = count_parameters(info.model, info.pesc, info.lora)
     say(f"pesc train: world {dist.get_world_size()} (tp {par.tp}, pp {par.pp}, ep {par.ep}, "
         f"dp {ps.get_data_parallel_world_size()}), {iters} steps of {gbs} sequences x {seq} "
-        f"(micro-batch {mbs}, {num_mb} per rank); trainable {trainable:,} of {total:,} "
-        "parameters on rank 0")
+        f"(micro-batch {mbs}, {num_mb} per rank)")
+    say(f"parameters: trainable {counts['trainable']:,} of {counts['total']:,} (routers "
+        f"{counts['routers']:,}, adapters {counts['adapters']:,}, LoRA {counts['lora']:,}); "
+        f"on rank 0 {trainable:,} of {total:,}")
 
     logger = Logger(out_dir, start)
     batches = GlobalBatches(train_ds, gbs, job.train.seed)

@@ -66,3 +66,23 @@ def test_cli_help():
     run = subprocess.run([sys.executable, "-m", "pesc_megatron.cli", "--help"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "demo" in run.stdout and "bench" in run.stdout
+
+
+@pytest.mark.parametrize("name,preset,world", [("camelidae-8x7b", "llama2-7b", 8),
+                                               ("camelidae-8x13b", "llama2-13b", 16),
+                                               ("camelidae-8x34b", "yi-34b", 32)])
+def test_paper_configs_are_valid_for_their_models(name, preset, world):
+    """The paper's job files load, and their layout and LoRA fit the model they are for."""
+    from pathlib import Path
+
+    from pesc_megatron.config import check_batch_layout, load_job, validate_layout, validate_lora
+    from pesc_megatron.model.size import PRESETS
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "configs" / f"{name}.yaml"
+    job = load_job(str(path))
+    model = PRESETS[preset]
+    validate_layout(model, PESCConfig(num_experts=8, topk=2, adapter_dim=512), job.parallel,
+                    world)
+    validate_lora(job.lora, model)
+    assert job.lora.rank == 64 and len(job.lora.targets) == 7
+    check_batch_layout(job, world)

@@ -1,0 +1,58 @@
+"""Parameter counts from settings (`pesc info`) against built models and known model sizes."""
+import json
+
+import pytest
+
+from pesc_megatron.cli import main
+from pesc_megatron.config import LoRAConfig, ModelConfig, ParallelConfig, PESCConfig
+from pesc_megatron.model.size import count_parameters
+
+
+@pytest.mark.parametrize("model,lora", [
+    (dict(), ["q_proj", "v_proj", "down_proj"]),
+    (dict(tie_word_embeddings=True, attention_bias=True), ["k_proj", "o_proj", "gate_proj",
+                                                           "up_proj"]),
+    (dict(), []),
+])
+def test_counts_match_a_built_model(single_rank, model, lora):
+    from pesc_megatron.model.builder import build_model
+
+    m = ModelConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=64, **model)
+    p = PESCConfig(num_experts=4, adapter_dim=8)
+    lo = LoRAConfig(targets=lora, rank=4)
+    built = build_model(m, p, ParallelConfig(), lora=lo)
+    got = dict(dense=0, routers=0, adapters=0, lora=0)
+    for name, param in built.named_parameters():
+        part = ("routers" if ".router." in name else "adapters" if ".experts." in name
+                else "lora" if ".lora." in name else "dense")
+        got[part] += param.numel()
+        assert param.requires_grad == (part != "dense"), name
+    counts = count_parameters(m, p, lo)
+    assert {k: counts[k] for k in got} == got
+    assert counts["trainable"] == got["routers"] + got["adapters"] + got["lora"]
+
+
+def test_info_of_the_paper_7b_setting(capsys):
+    assert main(["info", "llama2-7b", "--lora-rank", "64"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    row = json.loads(out[-1])
+    assert row["dense"] == 6_738_415_616  # Llama-2-7B's published parameter count
+    assert row["lora"] == 32 * 64 * (4 * 2 * 4096 + 3 * (4096 + 11008))
+    assert row["adapters"] == 32 * 8 * 2 * 4096 * 512
+    assert any(line.startswith("trainable") and "1,234,698,240" in line for line in out)
+
+
+def test_info_of_a_checkpoint_and_errors(capsys, tmp_path, single_rank):
+    from tests import tiny
+
+    ckpt = tiny.make_checkpoint(tmp_path, layers=1)
+    assert main(["info", str(ckpt)]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (row["num_experts"], row["lora"]) == (tiny.PESC["num_experts"], 0)
+    assert main(["info", str(tmp_path / "hf"), "--lora-rank", "4"]) == 0  # the source HF folder
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["lora"] > 0
+    assert main(["info", "llama2-7b", "--lora-rank", "5000"]) == 2
+    assert "lora.rank=5000: larger than q_proj" in capsys.readouterr().err
+    assert main(["info", "llama9-1t"]) == 2
+    assert "llama9-1t: neither a preset" in capsys.readouterr().err
