@@ -18,6 +18,7 @@ setup(
         "safetensors",
         "sentencepiece",
         "tensorboard",
+        "matplotlib",  # `pesc report` and the benchmark plots
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.0"],
