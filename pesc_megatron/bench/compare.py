@@ -1,0 +1,414 @@
+"""`pesc bench compare`: one model and batch trained six ways, side by side.
+
+    dense_full     dense fine-tuning: every weight trains
+    dense_frozen   the dense model frozen, backward to the input only (the floor)
+    pesc           PESC: frozen base, routers + adapter experts train
+    pesc_lora      PESC plus LoRA on q/k/v/o/gate/up/down
+    upcycle        full sparse upcycling: megatron-core's MoE layer with E full SwiGLU experts
+                   (weights from `upcycling_utils`), top-k, everything trains
+    reference      the original release's design: a Hugging Face Llama whose MLP output feeds
+                   adapter experts run one at a time over boolean-mask-selected tokens
+
+Each variant runs in a child process of this command (one process tree, one invocation), one
+after the other, so that each one's peak resident memory is its own: warmup steps, then timed
+steps of forward + backward + AdamW step (torch's AdamW for all, fp32). Reported per variant:
+median step time, tokens/s, trainable parameters, bytes of parameters + gradients + optimizer
+state (summed over the real tensors), peak resident memory (VmHWM) and the bytes a training
+checkpoint holds (trainable weights + Adam state). `--scaling` adds pesc and upcycle at 4, 8,
+16 and 32 experts and at growing tokens per step, with PNG plots. JSON and a Markdown table go
+to --out; the last stdout line is the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("dense_full", "dense_frozen", "pesc", "pesc_lora", "upcycle", "reference")
+ALL_LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="pesc bench compare",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="a `pesc info` preset")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers than the preset")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--adapter-dims", default="64,256", help="PESC/reference variants per dim")
+    p.add_argument("--lora-rank", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--scaling", action="store_true",
+                   help="also pesc vs upcycle over experts and tokens (at --scaling-layers)")
+    p.add_argument("--scaling-layers", type=int, default=4)
+    p.add_argument("--out", default="runs/bench/compare")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--child", help=argparse.SUPPRESS)  # JSON spec of one measurement
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------
+# One measurement (in a child process)
+# ------------------------------------------------------------------------------------------
+def _vm_hwm() -> int:
+    """Peak resident memory of this process in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _moe_config(model, experts: int, topk: int):
+    """The PESC model's TransformerConfig turned into full sparse upcycling's (E full SwiGLU
+    experts, no shared FFN) or, with experts=0, the dense model's."""
+    import dataclasses
+
+    from pesc_megatron.config import ParallelConfig, PESCConfig
+    from pesc_megatron.model.builder import transformer_config
+
+    cfg = transformer_config(model, PESCConfig(num_experts=max(experts, 2), topk=topk),
+                             ParallelConfig())
+    return dataclasses.replace(cfg, moe_shared_expert_intermediate_size=None,
+                               moe_ffn_hidden_size=model.intermediate_size if experts else None,
+                               num_moe_experts=experts or None)
+
+
+def _gpt(model, config, spec):
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=model.vocab_size,
+                    max_sequence_length=model.max_position_embeddings,
+                    share_embeddings_and_output_weights=model.tie_word_embeddings,
+                    position_embedding_type="rope", rotary_base=model.rope_theta)
+
+
+def _dense_gpt(model):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return _gpt(model, _moe_config(model, 0, 2),
+                get_gpt_layer_local_spec(normalization="RMSNorm"))
+
+
+def _build(spec: dict):
+    """(model, forward(tokens, labels) -> loss) for one variant."""
+    from pesc_megatron.config import LoRAConfig, ParallelConfig, PESCConfig
+    from pesc_megatron.model.builder import build_model
+
+    model_cfg = spec["model_cfg"]
+    kind, e, k, r = spec["variant"], spec["experts"], spec["topk"], spec["adapter_dim"]
+    if kind in ("pesc", "pesc_lora"):
+        lora = LoRAConfig(targets=ALL_LORA, rank=spec["lora_rank"]) if kind == "pesc_lora" \
+            else None
+        model = build_model(model_cfg, PESCConfig(num_experts=e, topk=k, adapter_dim=r),
+                            ParallelConfig(), lora=lora)
+        with torch.no_grad():  # trained adapters are not zero (same cost, honest routing)
+            for name, p in model.named_parameters():
+                if ".experts." in name and "linear_fc2" in name:
+                    p.normal_(0, 0.02)
+        return model, _megatron_forward(model)
+    if kind in ("dense_full", "dense_frozen"):
+        model = _dense_gpt(model_cfg)
+        trainable = kind == "dense_full"
+        for p in model.parameters():
+            p.requires_grad_(trainable)
+        if not trainable:  # backward through every layer, to the input only
+            model.embedding.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+        return model, _megatron_forward(model)
+    if kind == "upcycle":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.transformer.moe.upcycling_utils import upcycle_state_dict
+
+        dense = _dense_gpt(model_cfg)
+        model = _gpt(model_cfg, _moe_config(model_cfg, e, k),
+                     get_gpt_layer_local_spec(num_experts=e, moe_grouped_gemm=False,
+                                              normalization="RMSNorm"))
+        model.load_state_dict(upcycle_state_dict([model], [dense])["model"], strict=False)
+        del dense
+        return model, _megatron_forward(model)
+    if kind == "reference":
+        return _reference_model(model_cfg, e, k, r)
+    raise ValueError(kind)
+
+
+def _megatron_forward(model):
+    def forward(tokens, labels):
+        pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+        return model(tokens, pos, None, labels=labels).float().mean()
+
+    return forward
+
+
+def _reference_model(model_cfg, experts, topk, adapter_dim):
+    """A transformers LlamaForCausalLM whose every MLP becomes ReferencePESC (frozen base)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = model_cfg
+    hf = LlamaForCausalLM(LlamaConfig(
+        hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads, vocab_size=m.vocab_size,
+        max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta,
+        tie_word_embeddings=m.tie_word_embeddings))
+    hf.requires_grad_(False)
+    for layer in hf.model.layers:
+        layer.mlp = ReferencePESC(layer.mlp, m.hidden_size, experts, topk, adapter_dim)
+    hf.enable_input_require_grads()  # as PEFT does over a frozen base
+
+    def forward(tokens, labels):
+        logits = hf(input_ids=tokens).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                                 labels.flatten())
+        return loss + sum(layer.mlp.aux_loss for layer in hf.model.layers)
+
+    return hf, forward
+
+
+class ReferencePESC(torch.nn.Module):
+    """GUIDE's formula as the original release computes it: the frozen MLP once, then a Python
+    loop over the experts, each taking the tokens a boolean mask selects
+    (`torch.where(idx == j)`, a host sync on GPUs), with the Switch aux loss."""
+
+    def __init__(self, mlp, hidden, experts, topk, adapter_dim, scaling=0.25, dropout=0.1,
+                 aux_coeff=0.01):
+        super().__init__()
+        self.mlp, self.topk, self.scaling = mlp, topk, scaling
+        self.dropout, self.aux_coeff = dropout, aux_coeff
+        self.router = torch.nn.Linear(hidden, experts, bias=False)
+        self.down = torch.nn.ModuleList(torch.nn.Linear(hidden, adapter_dim, bias=False)
+                                        for _ in range(experts))
+        self.up = torch.nn.ModuleList(torch.nn.Linear(adapter_dim, hidden, bias=False)
+                                      for _ in range(experts))
+        with torch.no_grad():
+            for up in self.up:
+                up.weight.normal_(0, 0.02)
+        self.aux_loss = 0.0
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        f = self.mlp(x)
+        logits = self.router(x).float()
+        top, idx = logits.topk(self.topk, dim=-1)
+        weights = top.softmax(-1).to(f.dtype)
+        out = torch.zeros_like(f)
+        for j, (down, up) in enumerate(zip(self.down, self.up)):
+            rows, slot = torch.where(idx == j)
+            u = F.dropout(f[rows], self.dropout, self.training)
+            out[rows] += weights[rows, slot, None] * up(F.gelu(down(u)))
+        probs = logits.softmax(-1)
+        load = F.one_hot(idx, probs.shape[-1]).sum((0, 1)).float() / idx.numel()
+        self.aux_loss = self.aux_coeff * probs.shape[-1] * (load * probs.mean(0)).sum()
+        return (f + self.scaling * out).reshape(shape)
+
+
+def measure(spec: dict) -> dict:
+    """Builds, warms up and times one variant in this process; returns its row."""
+    import dataclasses
+
+    from pesc_megatron.config import ParallelConfig
+    from pesc_megatron.model.size import PRESETS
+    from pesc_megatron.runtime import distributed
+
+    distributed.initialize(ParallelConfig(), seed=spec["seed"])
+    model_cfg = PRESETS[spec["model"]]
+    if spec["layers"]:
+        model_cfg = dataclasses.replace(model_cfg, num_hidden_layers=spec["layers"])
+    spec = dict(spec, model_cfg=model_cfg)
+    baseline = _vm_hwm()
+    model, forward = _build(spec)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5) if spec["variant"] != "dense_frozen" \
+        else None
+    gen = torch.Generator().manual_seed(spec["seed"])
+    tokens = torch.randint(0, model_cfg.vocab_size, (spec["batch"], spec["seq"] + 1),
+                           generator=gen)
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def step():
+        loss = forward(inputs, labels)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)  # keep the grads: they are counted
+        return loss.item()
+
+    for _ in range(spec["warmup"]):
+        step()
+    times = []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    params = list(model.parameters())
+    opt_state = [v for s in (optimizer.state.values() if optimizer else ()) for v in s.values()
+                 if torch.is_tensor(v) and v.numel() > 1]
+    grads = [p.grad for p in trainable if p.grad is not None]
+    step_s = statistics.median(times)
+    return dict(
+        variant=spec["variant"], experts=spec["experts"], topk=spec["topk"],
+        adapter_dim=spec["adapter_dim"] if spec["variant"] in ("pesc", "pesc_lora",
+                                                               "reference") else None,
+        lora_rank=spec["lora_rank"] if spec["variant"] == "pesc_lora" else None,
+        layers=model_cfg.num_hidden_layers, tokens_per_step=spec["batch"] * spec["seq"],
+        step_s=step_s, step_times_s=times, tokens_per_s=spec["batch"] * spec["seq"] / step_s,
+        total_params=sum(p.numel() for p in params),
+        trainable_params=sum(p.numel() for p in trainable),
+        param_grad_optim_bytes=nbytes(params) + nbytes(grads) + nbytes(opt_state),
+        trainable_and_optim_bytes=nbytes(trainable) + nbytes(grads) + nbytes(opt_state),
+        checkpoint_bytes=nbytes(trainable) + nbytes(opt_state),
+        peak_rss_bytes=_vm_hwm(), baseline_rss_bytes=baseline,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# The driver
+# ------------------------------------------------------------------------------------------
+def _run_child(spec: dict) -> dict:
+    cmd = [sys.executable, "-m", "pesc_megatron.bench.compare", "--child", json.dumps(spec)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec['variant']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def markdown(rows: list[dict], base: dict) -> str:
+    head = ("| variant | adapter | step s | tokens/s | trainable | params+grads+optim GB | "
+            "trainable+grads+optim GB | peak RSS GB | checkpoint GB | step / pesc | "
+            "trainable+optim / pesc |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['adapter_dim'] or ''} | {r['step_s']:.2f} | "
+            f"{r['tokens_per_s']:.0f} | {r['trainable_params']:,} | "
+            f"{_gb(r['param_grad_optim_bytes'])} | {_gb(r['trainable_and_optim_bytes'])} | "
+            f"{_gb(r['peak_rss_bytes'])} | {_gb(r['checkpoint_bytes'])} | "
+            f"{r['step_s'] / base['step_s']:.2f} | "
+            f"{r['trainable_and_optim_bytes'] / base['trainable_and_optim_bytes']:.2f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _plot_scaling(rows: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for axis, key, fname in (("experts", "experts", "scaling_experts.png"),
+                             ("tokens per step", "tokens_per_step", "scaling_tokens.png")):
+        series = [r for r in rows if r["sweep"] == key]
+        if not series:
+            continue
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+        for variant, style in (("pesc", "o-"), ("upcycle", "s--")):
+            pts = sorted((r[key], r) for r in series if r["variant"] == variant)
+            xs = [x for x, _ in pts]
+            ax_t.plot(xs, [r["step_s"] for _, r in pts], style, label=variant)
+            ax_m.plot(xs, [r["peak_rss_bytes"] / 2**30 for _, r in pts], style,
+                      label=f"{variant} peak RSS")
+            ax_m.plot(xs, [r["trainable_and_optim_bytes"] / 2**30 for _, r in pts], style,
+                      alpha=0.5, label=f"{variant} trainable+grads+Adam")
+        for ax, label in ((ax_t, "step time (s)"), (ax_m, "GB")):
+            ax.set_xlabel(axis)
+            ax.set_ylabel(label)
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"PESC vs full sparse upcycling: {series[0]['layers']} layers, "
+                     + ("top-2, adapter 64" if key == "experts" else "8 experts, top-2"))
+        fig.tight_layout()
+        tmp = out / f".{fname}.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, out / fname)
+        written.append(str(out / fname))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parse(argv)
+    if a.child:
+        print(json.dumps(measure(json.loads(a.child))), flush=True)
+        return 0
+    import megatron.core
+
+    from pesc_megatron.config import ConfigError
+    from pesc_megatron.model.size import PRESETS
+
+    if a.model not in PRESETS:
+        raise ConfigError(f"--model {a.model!r}: use one of {', '.join(PRESETS)}")
+    variants = a.variants.split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ConfigError(f"--variants: {bad[0]!r} is not one of {', '.join(VARIANTS)}")
+    dims = [int(d) for d in a.adapter_dims.split(",")]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = dict(model=a.model, layers=a.layers, experts=a.experts, topk=a.topk,
+                adapter_dim=dims[0], lora_rank=a.lora_rank, batch=a.batch, seq=a.seq,
+                steps=a.steps, warmup=a.warmup, seed=a.seed)
+    specs = []
+    for v in variants:
+        for d in (dims if v in ("pesc", "reference") else dims[:1]):
+            specs.append(dict(base, variant=v, adapter_dim=d))
+    rows = []
+    for spec in specs:
+        row = _run_child(spec)
+        rows.append(row)
+        print(f"{row['variant']:<13}adapter {str(row['adapter_dim'] or '-'):>4}  "
+              f"{row['step_s']:7.2f} s/step  {row['tokens_per_s']:7.0f} tok/s  "
+              f"trainable {row['trainable_params']:>13,}  peak {_gb(row['peak_rss_bytes'])} GB",
+              flush=True)
+    ref = next((r for r in rows if r["variant"] == "pesc"), rows[0])
+    table = markdown(rows, ref)
+
+    scaling = []
+    if a.scaling:
+        small = dict(base, layers=a.scaling_layers, steps=max(3, a.steps - 2))
+        for e in (4, 8, 16, 32):
+            for v in ("pesc", "upcycle"):
+                scaling.append(dict(_run_child(dict(small, variant=v, experts=e)),
+                                    sweep="experts"))
+        for batch in (1, 2, 4, 8):
+            for v in ("pesc", "upcycle"):
+                scaling.append(dict(_run_child(dict(small, variant=v, batch=batch)),
+                                    sweep="tokens_per_step"))
+        table += "\n" + markdown([dict(r, variant=f"{r['variant']} E={r['experts']} "
+                                       f"T={r['tokens_per_step']}") for r in scaling], ref)
+    plots = _plot_scaling(scaling, out) if scaling else []
+
+    result = dict(bench="compare", config={k: v for k, v in vars(a).items() if k != "child"},
+                  rows=rows, scaling=scaling, plots=plots, cpu_count=os.cpu_count(),
+                  loadavg_1m=os.getloadavg()[0], torch=torch.__version__,
+                  megatron_core=megatron.core.__version__)
+    (out / "compare.md").write_text(table)
+    (out / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(table)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
