@@ -15,9 +15,10 @@ COMMANDS = {
     "eval": ("pesc_megatron.train.evaluate", "mean loss of a checkpoint on a data file"),
     "info": ("pesc_megatron.info", "parameter counts (dense, routers, adapters, LoRA)"),
     "demo": ("pesc_megatron.demo", "craft a small random model and train its experts (CPU)"),
+    "report": ("pesc_megatron.report", "PNG loss curves and expert-load heatmaps of a run"),
     "bench": (None, "benchmarks: `pesc bench layer`"),
 }
-BENCHES = {"layer": "pesc_megatron.bench.layer"}
+BENCHES = {"compare": "pesc_megatron.bench.compare", "layer": "pesc_megatron.bench.layer"}
 # megatron-core's notices about optional packages and its own deprecations, repeated by every
 # rank at import: silenced here (the README lists what runs without TE and apex).
 KNOWN_NOISE = (r"Apex is not installed", r"Transformer Engine and Apex are not installed",

@@ -139,8 +139,17 @@ class Logger:
                 print("tensorboard is not installed: metrics.jsonl only", flush=True)
 
     def write(self, row: dict, layer_load: torch.Tensor | None = None) -> None:
+        """Appends `row`; `layer_load` ([layers, experts] tokens routed in the interval, as
+        counts or shares) adds each layer's per-expert shares as `expert_load`."""
         if not _rank0():
             return
+        shares = None
+        if layer_load is not None:
+            total = layer_load.double().sum(dim=1, keepdim=True)
+            shares = layer_load.double() / total.clamp(min=1e-30)  # a layer routing none: 0s
+            # 6 digits tell collapse from balance and keep a 60-layer, 8-expert row near 5 kB
+            row = dict(row, expert_load=[[round(share, 6) for share in layer]
+                                         for layer in shares.tolist()])
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is None:
@@ -149,9 +158,9 @@ class Logger:
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(f"train/{key}" if "valid" not in key else key, value, step)
-        if layer_load is not None:
-            imbalance = load_imbalance(layer_load).tolist()
-            for layer, load in enumerate(layer_load.tolist(), start=1):
+        if shares is not None:
+            imbalance = load_imbalance(shares).tolist()
+            for layer, load in enumerate(shares.tolist(), start=1):
                 for e, share in enumerate(load):
                     self.tb.add_scalar(f"expert_load/layer_{layer:02d}/expert_{e}", share, step)
                 self.tb.add_scalar(f"expert_imbalance/layer_{layer:02d}", imbalance[layer - 1],

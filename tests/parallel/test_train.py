@@ -189,6 +189,12 @@ def test_metrics_and_tensorboard(reference):
     for r in train_rows:
         assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and r["expert_imbalance"] >= 1
         assert r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"])
+        # per layer (2) each expert's (4) share of the interval's routed tokens
+        assert [len(layer) for layer in r["expert_load"]] == [4, 4]
+        for layer in r["expert_load"]:
+            assert sum(layer) == pytest.approx(1.0, abs=1e-5) and min(layer) >= 0
+        busiest = [max(layer) * 4 for layer in r["expert_load"]]  # the loop's own statistic
+        assert sum(busiest) / 2 == pytest.approx(r["expert_imbalance"], abs=1e-5)
     assert [r["step"] for r in rows if "valid_loss" in r] == [0, 8]
     tb = EventAccumulator(str(reference / "tb"))
     tb.Reload()
@@ -197,6 +203,7 @@ def test_metrics_and_tensorboard(reference):
             "expert_load/layer_02/expert_3"} <= tags
     loads = [tb.Scalars(f"expert_load/layer_01/expert_{e}")[-1].value for e in range(4)]
     assert sum(loads) == pytest.approx(1.0, abs=1e-5)
+    assert loads == pytest.approx(train_rows[-1]["expert_load"][0], abs=1e-6)
 
 
 def test_resume_refuses_a_changed_data_order(job, reference):
