@@ -50,6 +50,9 @@ def _parse(argv):
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole list this many times (A B C A B C ...); a variant's "
+                   "step time is the median over all its timed steps")
     p.add_argument("--scaling", action="store_true",
                    help="also pesc vs upcycle over experts and tokens (at --scaling-layers)")
     p.add_argument("--scaling-layers", type=int, default=4)
@@ -289,6 +292,37 @@ def _run_child(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _ratios(rows: list[dict]) -> dict:
+    """The headline comparisons: PESC (first adapter dim) against full sparse upcycling, and
+    PESC against the reference design at each adapter dim."""
+    def find(variant, dim=None):
+        return next((r for r in rows if r["variant"] == variant
+                     and (dim is None or r["adapter_dim"] == dim)), None)
+
+    out = {}
+    pesc, upcycle = find("pesc"), find("upcycle")
+    if pesc and upcycle:
+        out["pesc_over_upcycle_trainable_optim_bytes"] = (
+            pesc["trainable_and_optim_bytes"] / upcycle["trainable_and_optim_bytes"])
+        out["pesc_over_upcycle_step_time"] = pesc["step_s"] / upcycle["step_s"]
+        out["pesc_over_upcycle_peak_rss"] = pesc["peak_rss_bytes"] / upcycle["peak_rss_bytes"]
+    for ref in (r for r in rows if r["variant"] == "reference"):
+        mine = find("pesc", ref["adapter_dim"])
+        if mine:
+            out[f"pesc_over_reference_tokens_per_s_r{ref['adapter_dim']}"] = (
+                mine["tokens_per_s"] / ref["tokens_per_s"])
+    return out
+
+
+def _merge_rounds(rounds: list[dict]) -> dict:
+    """One row from a variant's rounds: the median over all timed steps, the highest peak."""
+    times = [t for r in rounds for t in r["step_times_s"]]
+    step_s = statistics.median(times)
+    return dict(rounds[0], step_s=step_s, step_times_s=times,
+                tokens_per_s=rounds[0]["tokens_per_step"] / step_s,
+                peak_rss_bytes=max(r["peak_rss_bytes"] for r in rounds))
+
+
 def _gb(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
@@ -373,14 +407,16 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         for d in (dims if v in ("pesc", "reference") else dims[:1]):
             specs.append(dict(base, variant=v, adapter_dim=d))
-    rows = []
-    for spec in specs:
-        row = _run_child(spec)
-        rows.append(row)
-        print(f"{row['variant']:<13}adapter {str(row['adapter_dim'] or '-'):>4}  "
-              f"{row['step_s']:7.2f} s/step  {row['tokens_per_s']:7.0f} tok/s  "
-              f"trainable {row['trainable_params']:>13,}  peak {_gb(row['peak_rss_bytes'])} GB",
-              flush=True)
+    runs = [[] for _ in specs]
+    for _ in range(a.rounds):  # interleaved, so that a slow spell of the machine hits all
+        for spec, done in zip(specs, runs):
+            row = _run_child(spec)
+            done.append(row)
+            print(f"{row['variant']:<13}adapter {str(row['adapter_dim'] or '-'):>4}  "
+                  f"{row['step_s']:7.2f} s/step  {row['tokens_per_s']:7.0f} tok/s  "
+                  f"trainable {row['trainable_params']:>13,}  peak "
+                  f"{_gb(row['peak_rss_bytes'])} GB", flush=True)
+    rows = [_merge_rounds(done) for done in runs]
     ref = next((r for r in rows if r["variant"] == "pesc"), rows[0])
     table = markdown(rows, ref)
 
@@ -400,12 +436,14 @@ def main(argv: list[str] | None = None) -> int:
     plots = _plot_scaling(scaling, out) if scaling else []
 
     result = dict(bench="compare", config={k: v for k, v in vars(a).items() if k != "child"},
-                  rows=rows, scaling=scaling, plots=plots, cpu_count=os.cpu_count(),
+                  ratios=_ratios(rows), rows=rows, scaling=scaling, plots=plots, cpu_count=os.cpu_count(),
                   loadavg_1m=os.getloadavg()[0], torch=torch.__version__,
                   megatron_core=megatron.core.__version__)
     (out / "compare.md").write_text(table)
     (out / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
     print(table)
+    for key, value in result["ratios"].items():
+        print(f"{key}: {value:.3f}")
     print(json.dumps(result), flush=True)
     return 0
 
