@@ -14,11 +14,13 @@ COMMANDS = {
     "train": ("pesc_megatron.train.loop", "instruction-tune a PESC checkpoint (YAML config)"),
     "eval": ("pesc_megatron.train.evaluate", "mean loss of a checkpoint on a data file"),
     "info": ("pesc_megatron.info", "parameter counts (dense, routers, adapters, LoRA)"),
+    "plan": ("pesc_megatron.plan", "per-GPU memory of a training layout; suggests one that fits"),
     "demo": ("pesc_megatron.demo", "craft a small random model and train its experts (CPU)"),
     "report": ("pesc_megatron.report", "PNG loss curves and expert-load heatmaps of a run"),
-    "bench": (None, "benchmarks: `pesc bench layer`"),
+    "bench": (None, "benchmarks: `pesc bench compare|layer|memory`"),
 }
-BENCHES = {"compare": "pesc_megatron.bench.compare", "layer": "pesc_megatron.bench.layer"}
+BENCHES = {"compare": "pesc_megatron.bench.compare", "layer": "pesc_megatron.bench.layer",
+           "memory": "pesc_megatron.bench.memory"}
 # megatron-core's notices about optional packages and its own deprecations, repeated by every
 # rank at import: silenced here (the README lists what runs without TE and apex).
 KNOWN_NOISE = (r"Apex is not installed", r"Transformer Engine and Apex are not installed",

@@ -1,0 +1,480 @@
+"""`pesc plan`: the memory one GPU needs to train a PESC model at a parallel layout, from the
+settings alone, and a suggested layout that fits.
+
+Per GPU (the pipeline stage that needs the most), as megatron-core allocates it:
+- the frozen base (embeddings, attention, shared SwiGLU FFN, norms, output layer unless tied),
+  split by TP and, by layers, by PP; with --fp8-base every frozen weight matrix takes 1 byte
+  plus an fp32 scale per row, as `precision.frozen_weights: fp8` stores it (a projection:
+  `pesc bench memory` does not measure it);
+- trainable routers (fp32, replicated), adapters (split by EP and ETP) and LoRA (A or B split
+  by TP like the base, the other replicated), their fp32 gradient buffer and the optimizer
+  state (fp32 master copy of bf16 weights + Adam m and v), which the distributed optimizer
+  shards over the data-parallel group (the expert-data-parallel group for the adapters);
+- activations: what backward keeps of every layer for each micro-batch in flight (1, or PP on
+  the first stage of 1F1B), attention's score buffer, plus the largest transient of the step;
+- a fixed runtime term per device kind.
+The last stdout line is JSON. Formulas and the measured accuracy: docs/planner.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from pesc_megatron.config import (
+    LORA_TARGETS,
+    ConfigError,
+    LoRAConfig,
+    ModelConfig,
+    ParallelConfig,
+    PESCConfig,
+    lora_shapes,
+    validate_layout,
+    validate_lora,
+    validate_pesc,
+)
+
+GiB = 2**30
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+# What a process holds besides tensors. GPU: CUDA context and kernels, cuBLAS workspaces, NCCL
+# communicators: an assumed constant, not yet measured on a GPU. CPU: the resident size after
+# imports and initialize(), measured by `pesc bench memory` in each process it runs.
+GPU_RUNTIME_BYTES = 3 * GiB
+HEADROOM = 0.10  # a suggestion leaves this share of the GPU free (fragmentation, spikes)
+RECOMPUTE_LEVELS = ("none", "selective", "full")
+COLUMN_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # the rest: row
+ATTENTION_INPUT_TARGETS = ("q_proj", "k_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    world: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp)
+
+    @property
+    def expert_dp(self) -> int:
+        return self.world // (self.ep * self.etp * self.pp)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What is trained and how: the settings memory depends on."""
+    model: ModelConfig
+    pesc: PESCConfig
+    lora: LoRAConfig
+    seq: int = 4096
+    micro_batch: int = 1
+    dtype: str = "bf16"
+    fp8_base: bool = False
+    distributed_optimizer: bool = True
+    recompute: str = "none"
+
+
+# ------------------------------------------------------------------------------------------
+# Parameters, gradients, optimizer state (per GPU, on pipeline stage `stage`)
+# ------------------------------------------------------------------------------------------
+def _layers(job: Job, lay: Layout) -> int:
+    return job.model.num_hidden_layers // lay.pp
+
+
+def frozen_bytes(job: Job, lay: Layout, stage: int) -> int:
+    """The frozen base on this GPU: layer weights split by TP; norms replicated; the embedding
+    on the first stage; the final norm and the output layer on the last (tied embeddings need
+    their own copy there only when PP > 1)."""
+    m, a = job.model, DTYPE_BYTES[job.dtype]
+    h, f, v, tp = m.hidden_size, m.intermediate_size, m.vocab_size, lay.tp
+    q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+
+    def matrix(rows: int, cols: int) -> int:  # FP8: 1 byte each + an fp32 scale per row
+        return rows * cols + 4 * rows if job.fp8_base else rows * cols * a
+
+    per_layer = (matrix((q + 2 * kv) // tp, h) + matrix(h, q // tp)  # qkv, proj
+                 + matrix(2 * f // tp, h) + matrix(h, f // tp)  # fc1 (gate, up), fc2
+                 + ((q + 2 * kv) // tp if m.attention_bias else 0) * a + 2 * h * a)
+    total = _layers(job, lay) * per_layer
+    table = matrix(v // tp, h)
+    if stage == 0:
+        total += table
+    if stage == lay.pp - 1:
+        total += h * a + (table if not m.tie_word_embeddings or lay.pp > 1 else 0)
+    return total
+
+
+def trainable_counts(job: Job, lay: Layout) -> dict[str, int]:
+    """Trainable parameters on one GPU (every stage holds the same number of layers)."""
+    m, p, lora = job.model, job.pesc, job.lora
+    h, layers = m.hidden_size, _layers(job, lay)
+    lora_per_layer = 0
+    if lora.enabled:
+        shapes = lora_shapes(m)
+        for target in lora.targets:
+            fan_in, fan_out = shapes[target]
+            if target in COLUMN_TARGETS:  # A replicated, B split on its output
+                lora_per_layer += lora.rank * (fan_in + fan_out // lay.tp)
+            else:  # A split on its input, B replicated
+                lora_per_layer += lora.rank * (fan_in // lay.tp + fan_out)
+    return dict(routers=layers * p.num_experts * h,
+                adapters=layers * (p.num_experts // lay.ep) * 2 * h * p.adapter_dim // lay.etp,
+                lora=layers * lora_per_layer)
+
+
+def trainable_bytes(job: Job, counts: dict[str, int]) -> int:
+    """Routers are fp32 in every dtype; adapters and LoRA take the model's dtype."""
+    return 4 * counts["routers"] + DTYPE_BYTES[job.dtype] * (counts["adapters"] + counts["lora"])
+
+
+def gradient_bytes(counts: dict[str, int]) -> int:
+    """megatron-core DDP's buffer: an fp32 gradient per trainable parameter (full size even with
+    the distributed optimizer, which reduce-scatters it)."""
+    return 4 * sum(counts.values())
+
+
+def optimizer_bytes(job: Job, lay: Layout, counts: dict[str, int]) -> float:
+    """Adam's m and v (fp32) and, for weights not in fp32, an fp32 master copy; the distributed
+    optimizer shards them over the data-parallel group (expert-data-parallel for adapters).
+    Means over the group: shards differ by the buffers' padding, a few hundred elements."""
+    master = 4 if job.dtype != "fp32" else 0
+    dense_group = lay.dp if job.distributed_optimizer else 1
+    expert_group = lay.expert_dp if job.distributed_optimizer else 1
+    return (8 * counts["routers"] / dense_group + (8 + master) * counts["lora"] / dense_group
+            + (8 + master) * counts["adapters"] / expert_group)
+
+
+# ------------------------------------------------------------------------------------------
+# Activations (per GPU and micro-batch). Each term is what autograd keeps for backward,
+# checked tensor by tensor on CPU (docs/planner.md). t = tokens of a micro-batch; with TP the
+# sequence is split (sequence parallelism) outside attention and the FFN, the heads and the
+# FFN width inside them.
+# ------------------------------------------------------------------------------------------
+def routing_bytes(p: PESCConfig) -> int:
+    """Per token: router probabilities and masks (fp32, bool) and top-k indices (int64)."""
+    return 9 * p.num_experts + 24 * p.topk
+
+
+def _qkv_elements(m: ModelConfig, recompute: str) -> int:
+    """Per token, what attention keeps of q, k, v (before the TP split). Without recompute:
+    q and k after RoPE; with GQA the k and v repeated to every query head, without it v is a
+    view that keeps the whole fused qkv output alive. Selective recompute keeps the core
+    attention's inputs: q and k after RoPE and v, still a view of the fused output."""
+    q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+    if recompute == "selective" or q == kv:
+        return q + kv + (q + 2 * kv)
+    return 3 * q
+
+
+def softmax_bytes(dtype: str) -> int:
+    """Per attention score: the fp32 softmax output, plus its copy in the model's dtype."""
+    return 4 + (DTYPE_BYTES[dtype] if dtype != "fp32" else 0)
+
+
+def layer_activations(job: Job, lay: Layout, core_attention: bool = True,
+                      post_attention: bool = True, ffn: bool = True) -> float:
+    """Bytes one layer keeps for backward, for one micro-batch, without full recompute.
+    The flags say which parts sit behind a trainable weight: nothing before the first one
+    needs a gradient (the first layer of the first stage, without LoRA, keeps only what the
+    router and the experts read)."""
+    m, p, lora = job.model, job.pesc, job.lora
+    a = DTYPE_BYTES[job.dtype]
+    h, f, s = m.hidden_size, m.intermediate_size, job.seq
+    t = job.seq * job.micro_batch
+    local = t / lay.tp  # this rank's sequence shard
+    heads = m.num_attention_heads // lay.tp
+    # Residual stream read by the next RMSNorms (the MLP's output always needs a gradient),
+    # the router's input and routing bookkeeping.
+    total = ((1 + post_attention) * h * a + h * a + routing_bytes(p)) * local
+    if core_attention:
+        total += _qkv_elements(m, job.recompute) // lay.tp * a * t
+        total += 4 * s * m.head_dim * a  # RoPE cos and sin for q and k
+        if job.recompute == "none":
+            total += heads * s * softmax_bytes(job.dtype) * t
+    if ffn:  # SwiGLU: fc1 output (gate, up), silu(gate), the product read by fc2
+        total += 4 * f // lay.tp * a * t
+    # Adapters, on the k tokens-per-token routed here (balanced routing; ETP gathers its group's
+    # tokens): dropped input (+ bool mask), fc1 output, GELU, GELU times the routing weight.
+    mask = 1 if p.adapter_dropout > 0 and ffn else 0
+    rows = p.topk * local * lay.etp
+    total += rows * (h * (a + mask) + 3 * p.adapter_dim // lay.etp * a)
+    if lora.enabled:
+        total += _lora_activations(job, lay)
+    return total
+
+
+def _lora_activations(job: Job, lay: Layout) -> float:
+    """Per layer: each target's dropped input (+ mask; one shared input without dropout) and
+    its rank-r A output. Column targets read the sequence shard and their A output is gathered
+    over the sequence; row targets read a hidden shard and their A output is reduce-scattered."""
+    m, lora, a = job.model, job.lora, DTYPE_BYTES[job.dtype]
+    t, r = job.seq * job.micro_batch, lora.rank
+    shapes = lora_shapes(m)
+    total = 0.0
+    shared_inputs = set()
+    for target in lora.targets:
+        fan_in = shapes[target][0]
+        if target in COLUMN_TARGETS:
+            tokens, in_part, out_tokens = t / lay.tp, fan_in, t
+        else:
+            tokens, in_part, out_tokens = t, fan_in // lay.tp, t / lay.tp
+        if lora.dropout > 0:
+            total += tokens * in_part * (a + 1)
+        elif (in_part, tokens) not in shared_inputs:  # q, k, v (gate, up) share one input
+            shared_inputs.add((in_part, tokens))
+            total += tokens * in_part * a
+        total += out_tokens * r * a
+    return total
+
+
+def _first_layer_activations(job: Job, lay: Layout) -> float:
+    """The first layer of the first stage: its parts before the first trainable weight keep
+    nothing (without LoRA, only what the router and the experts read)."""
+    targets = set(job.lora.targets)
+    return layer_activations(job, lay,
+                             core_attention=bool(targets & set(ATTENTION_INPUT_TARGETS)),
+                             post_attention=bool(targets - {"gate_proj", "up_proj", "down_proj"}),
+                             ffn=bool(targets))
+
+
+def stage_activations(job: Job, lay: Layout, stage: int) -> dict[str, float]:
+    """`saved`: every in-flight micro-batch's layers (1F1B keeps pp - stage on a stage) and
+    its attention mask; `buffer`: megatron-core's preallocated attention-score buffer;
+    `transient`: the largest short-lived allocation (one layer's attention backward, with the
+    layer being recomputed, or the loss on the last stage)."""
+    m, a = job.model, DTYPE_BYTES[job.dtype]
+    t, s = job.seq * job.micro_batch, job.seq
+    layers = _layers(job, lay)
+    scores = m.num_attention_heads // lay.tp * s * t  # attention scores of a layer
+    if job.recompute == "full":  # each layer's input, the stage's output, the fp32 RoPE angles
+        per_microbatch = (layers + 1) * m.hidden_size * a * t / lay.tp + 4 * s * m.head_dim
+    else:
+        per_microbatch = layers * layer_activations(job, lay)
+        if stage == 0:
+            per_microbatch += _first_layer_activations(job, lay) - layer_activations(job, lay)
+    per_microbatch += job.micro_batch * s * s  # the bool mask of packed sequences
+    transient = 8 * scores  # softmax backward: gradients of its output and input, fp32
+    if job.recompute == "selective":  # + the recomputed probabilities
+        transient += scores * softmax_bytes(job.dtype)
+    if job.recompute == "full":  # + the whole recomputed layer
+        transient += layer_activations(dataclasses.replace(job, recompute="none"), lay)
+    if stage == lay.pp - 1:  # the logits and the loss's fp32 softmax over the vocabulary
+        transient = max(transient, t * m.vocab_size // lay.tp * softmax_bytes(job.dtype))
+    return dict(saved=(lay.pp - stage) * per_microbatch, buffer=scores * a, transient=transient)
+
+
+# ------------------------------------------------------------------------------------------
+# One GPU, one layout
+# ------------------------------------------------------------------------------------------
+def stage_memory(job: Job, lay: Layout, stage: int, runtime: float) -> dict[str, float]:
+    """Bytes by part on one GPU of pipeline stage `stage`; `runtime` is the device's fixed term."""
+    counts = trainable_counts(job, lay)
+    acts = stage_activations(job, lay, stage)
+    parts = dict(frozen=frozen_bytes(job, lay, stage), trainable=trainable_bytes(job, counts),
+                 gradients=gradient_bytes(counts), optimizer=optimizer_bytes(job, lay, counts),
+                 activations=sum(acts.values()), runtime=runtime)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def per_gpu(job: Job, lay: Layout, runtime: float = GPU_RUNTIME_BYTES) -> dict:
+    """The stage that needs the most: the first (embedding, most micro-batches in flight) or
+    the last (output layer, loss); middle stages need less than the first."""
+    stages = {0, lay.pp - 1}
+    worst = max(stages, key=lambda st: stage_memory(job, lay, st, runtime)["total"])
+    return dict(stage=worst, **stage_memory(job, lay, worst, runtime))
+
+
+# ------------------------------------------------------------------------------------------
+# Searching layouts
+# ------------------------------------------------------------------------------------------
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layout_error(job: Job, lay: Layout) -> str | None:
+    """Why megatron-core could not run this layout (None: it can)."""
+    try:
+        validate_layout(job.model, job.pesc, ParallelConfig(tp=lay.tp, pp=lay.pp, ep=lay.ep,
+                                                            etp=lay.etp), lay.world)
+    except ConfigError as e:
+        return str(e)
+    if job.seq % lay.tp:
+        return f"--seq {job.seq} is not divisible by tp={lay.tp} (sequence parallelism)"
+    return None
+
+
+def candidates(job: Job, world: int, gpus_per_node: int, fixed: dict) -> list[Layout]:
+    """Valid layouts: TP within a node, ETP 1 (adapters are small) unless fixed, EP dividing
+    the experts, PP dividing the layers; data parallelism is the rest of the world."""
+    def sizes(key, default):
+        return [fixed[key]] if key in fixed else default
+
+    out = []
+    for tp in sizes("tp", [d for d in _divisors(gpus_per_node) if world % d == 0]):
+        for pp in sizes("pp", _divisors(job.model.num_hidden_layers)):
+            for ep in sizes("ep", _divisors(job.pesc.num_experts)):
+                for etp in sizes("etp", [1]):
+                    lay = Layout(tp, pp, ep, etp, world)
+                    if layout_error(job, lay) is None:
+                        out.append(lay)
+    return out
+
+
+def preference(lay: Layout, recompute: str, total: float) -> tuple:
+    """Least model parallelism first, each step in order of what it costs a PESC step: PP
+    (pipeline bubbles), full recompute (a second forward), TP (collectives around attention
+    and the FFN of every layer), EP (two all-to-alls per layer that cannot overlap: the experts
+    wait for the frozen FFN), selective recompute (attention scores only), ETP; then the
+    smaller memory."""
+    return (lay.pp, recompute == "full", lay.tp, lay.ep, recompute == "selective", lay.etp,
+            total)
+
+
+def suggest(job: Job, layouts: list[Layout], gpu_bytes: float, recompute_levels,
+            runtime: float = GPU_RUNTIME_BYTES):
+    """(layout, recompute, memory) of the preferred layout that leaves HEADROOM free, or of the
+    one that needs the least memory when none does; and whether it fits with headroom."""
+    options = []
+    for recompute in recompute_levels:
+        trial = dataclasses.replace(job, recompute=recompute)
+        for lay in layouts:
+            options.append((lay, recompute, per_gpu(trial, lay, runtime)))
+    fitting = [o for o in options if o[2]["total"] <= (1 - HEADROOM) * gpu_bytes]
+    if fitting:
+        return min(fitting, key=lambda o: preference(o[0], o[1], o[2]["total"])), True
+    return min(options, key=lambda o: o[2]["total"]), False
+
+
+# ------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------
+def _parse(argv):
+    ap = argparse.ArgumentParser(prog="pesc plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True,
+                    help="a preset (llama2-7b, llama2-13b, yi-34b, smollm2-135m), a Hugging Face "
+                    "folder or config.json, a PESC checkpoint or run folder, or a job YAML")
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    ap.add_argument("--seq", type=int, default=4096, help="tokens per sequence (default 4096)")
+    ap.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    for key in ("tp", "pp", "ep"):
+        ap.add_argument(f"--{key}", type=int, help=f"fix {key.upper()} (default: searched)")
+    ap.add_argument("--etp", type=int, help="fix ETP (default 1: the adapters are small)")
+    ap.add_argument("--num-experts", type=int, help="default: the source's, else 8")
+    ap.add_argument("--topk", type=int, help="default: the source's, else 2")
+    ap.add_argument("--adapter-dim", type=int, help="default: the source's, else 512")
+    ap.add_argument("--lora-rank", type=int,
+                    help="LoRA rank (on the source's targets, else all seven projections); 0: no "
+                    "LoRA. Default: the source's LoRA (job YAML, training checkpoint), else 64 "
+                    "on all seven (the paper's recipe)")
+    ap.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16")
+    ap.add_argument("--fp8-base", action="store_true",
+                    help="frozen weight matrices in FP8 (precision.frozen_weights: fp8): 1 byte "
+                    "each + an fp32 scale per row; norms stay in --dtype (a projection)")
+    ap.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction,
+                    default=True, help="shard optimizer state over data parallel (default on)")
+    ap.add_argument("--recompute", choices=RECOMPUTE_LEVELS,
+                    help="default: searched with the layout, none before selective before full")
+    return ap.parse_args(argv)
+
+
+def _job(args) -> Job:
+    from pesc_megatron.info import read_source
+
+    model, pesc, lora = read_source(args.model)
+    pesc = dataclasses.replace(pesc, **{k: getattr(args, k) for k in
+                                        ("num_experts", "topk", "adapter_dim")
+                                        if getattr(args, k) is not None})
+    if args.lora_rank == 0:
+        lora = LoRAConfig()
+    elif args.lora_rank is not None or not lora.enabled:
+        lora = dataclasses.replace(lora, rank=args.lora_rank or 64,
+                                   targets=lora.targets or list(LORA_TARGETS))
+    validate_pesc(pesc)
+    validate_lora(lora, model)
+    for key in ("gpus_per_node", "nodes", "seq", "micro_batch"):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')}={getattr(args, key)}: must be >= 1")
+    if args.gpu_memory <= 0:
+        raise ConfigError(f"--gpu-memory={args.gpu_memory}: must be > 0")
+    return Job(model, pesc, lora, seq=args.seq, micro_batch=args.micro_batch, dtype=args.dtype,
+               fp8_base=args.fp8_base, distributed_optimizer=args.distributed_optimizer,
+               recompute=args.recompute or "none")
+
+
+def _table(job: Job, lay: Layout, recompute: str, memory: dict, gpu_bytes: float) -> list:
+    in_flight = lay.pp - memory["stage"]
+    sharded = f" /{lay.dp} (experts /{lay.expert_dp})" if job.distributed_optimizer else ""
+    rows = [(f"frozen base, {'FP8 (projection)' if job.fp8_base else job.dtype}",
+             memory["frozen"]),
+            ("routers, adapters, LoRA", memory["trainable"]),
+            ("gradient buffer, fp32", memory["gradients"]),
+            ("optimizer: " + ("fp32 master + " if job.dtype != "fp32" else "") + "Adam m, v"
+             + sharded, memory["optimizer"]),
+            (f"activations: {in_flight} micro-batch{'es' if in_flight > 1 else ''} in flight, "
+             f"recompute {recompute}",
+             memory["activations"]),
+            ("runtime: CUDA context, NCCL, workspaces (assumed)", memory["runtime"])]
+    lines = [f"  {label:<62}{value / GiB:>7.1f} GiB" for label, value in rows]
+    verdict = "fits" if memory["total"] <= gpu_bytes else "does NOT fit"
+    lines.append(f"  {'total':<62}{memory['total'] / GiB:>7.1f} GiB of {gpu_bytes / GiB:g}: "
+                 f"{verdict} ({100 * (1 - memory['total'] / gpu_bytes):.0f}% free)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    job = _job(args)
+    world, gpu_bytes = args.gpus_per_node * args.nodes, args.gpu_memory * GiB
+    fixed = {k: getattr(args, k) for k in ("tp", "pp", "ep", "etp") if getattr(args, k) is not None}
+    if fixed:  # the sizes the user fixed must be possible by themselves
+        error = layout_error(job, Layout(world=world, **fixed))
+        if error:
+            raise ConfigError(error)
+    layouts = candidates(job, world, args.gpus_per_node, fixed)
+    if not layouts:
+        raise ConfigError(f"no valid layout of {world} GPUs with {fixed or 'any sizes'} for "
+                          f"{args.model} (TP is kept within a node of {args.gpus_per_node})")
+    fixed_layout = {"tp", "pp", "ep"} <= set(fixed)  # pinned (ETP 1): a verdict, no search
+    levels = [args.recompute or "none"] if fixed_layout else (
+        [args.recompute] if args.recompute else RECOMPUTE_LEVELS)
+    (lay, recompute, memory), with_headroom = suggest(job, layouts, gpu_bytes, levels)
+    m, p = job.model, job.pesc
+    lora = f"LoRA r={job.lora.rank} on {len(job.lora.targets)} projections" \
+        if job.lora.enabled else "no LoRA"
+    print(f"pesc plan: {args.model} (hidden {m.hidden_size}, {m.num_hidden_layers} layers), "
+          f"{p.num_experts} experts top-{p.topk} adapter {p.adapter_dim}, {lora}; {job.dtype}, "
+          f"seq {job.seq} x micro-batch {job.micro_batch}; {args.nodes} node(s) x "
+          f"{args.gpus_per_node} GPUs of {args.gpu_memory:g} GiB")
+    if job.fp8_base:
+        print("  --fp8-base is a projection: 1 byte per frozen weight + a scale per row, not "
+              "measured by `pesc bench memory`")
+    label = "layout" if fixed_layout else (
+        "suggested layout" if with_headroom else "nothing fits; the smallest layout")
+    print(f"{label}: TP {lay.tp}, PP {lay.pp}, EP {lay.ep}, ETP {lay.etp} -> DP {lay.dp}, "
+          f"expert DP {lay.expert_dp}; recompute {recompute}"
+          + (f" ({len(layouts)} layouts searched; rule: the least model parallelism that "
+             f"leaves {HEADROOM:.0%} free)" if not fixed_layout else ""))
+    print(f"per GPU (pipeline stage {memory['stage']} of {lay.pp}):")
+    for line in _table(job, lay, recompute, memory, gpu_bytes):
+        print(line)
+    print(json.dumps(dict(
+        model=args.model, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        gpu_memory_gib=args.gpu_memory, seq=job.seq, micro_batch=job.micro_batch,
+        dtype=job.dtype, fp8_base=job.fp8_base, lora_rank=job.lora.rank if job.lora.enabled
+        else 0, num_experts=p.num_experts, topk=p.topk, adapter_dim=p.adapter_dim,
+        distributed_optimizer=job.distributed_optimizer,
+        layout=dict(tp=lay.tp, pp=lay.pp, ep=lay.ep, etp=lay.etp, dp=lay.dp,
+                    expert_dp=lay.expert_dp),
+        recompute=recompute, suggested=not fixed_layout,
+        fits=memory["total"] <= gpu_bytes, fits_with_headroom=with_headroom,
+        per_gpu_gib={k: round(v / GiB, 2) for k, v in memory.items() if k != "stage"},
+        stage=memory["stage"])))
+    return 0

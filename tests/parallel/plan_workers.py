@@ -1,0 +1,79 @@
+"""Spawned-rank code for test_plan.py: the bytes each rank really allocates for parameters,
+gradient buffers and optimizer state, next to `pesc plan`'s formulas for that rank."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+# Every trainable tensor is a multiple of 64 elements and every buffer a multiple of 128 per
+# data-parallel rank, so megatron-core's distributed-optimizer buffers carry no padding (which
+# the planner leaves out) and the comparison can be exact.
+MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+PESC = dict(num_experts=4, topk=2, adapter_dim=16, adapter_dropout=0.0)
+LORA = dict(targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                     "down_proj"], rank=4, dropout=0.0)
+SEQ = 16
+
+
+def _optimizers(opt):
+    """The torch optimizers inside megatron-core's (possibly chained) optimizer."""
+    return [o.optimizer for o in getattr(opt, "chained_optimizers", [opt])]
+
+
+def _measure(layout: dict, lora: bool, tied: bool, distributed: bool) -> dict:
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from pesc_megatron.config import LoRAConfig, ModelConfig, ParallelConfig, PESCConfig
+    from pesc_megatron.model.builder import build_model
+    from pesc_megatron.plan import (Job, Layout, frozen_bytes, gradient_bytes, optimizer_bytes,
+                                    trainable_bytes, trainable_counts)
+    from pesc_megatron.runtime.distributed import initialize
+    from pesc_megatron.train.step import forward_backward, wrap_ddp
+
+    par = ParallelConfig(**layout)
+    initialize(par, seed=7)
+    model_cfg = ModelConfig(**MODEL, tie_word_embeddings=tied)
+    lora_cfg = LoRAConfig(**LORA) if lora else LoRAConfig()
+    model = build_model(model_cfg, PESCConfig(**PESC), par, lora=lora_cfg)
+    ddp = wrap_ddp(model, use_distributed_optimizer=distributed)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3,
+                                                 use_distributed_optimizer=distributed), [ddp])
+    tokens = torch.randint(0, MODEL["vocab_size"], (1, SEQ + 1),
+                           generator=torch.Generator().manual_seed(0))
+    batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(1, SEQ))
+    forward_backward(ddp, [batch], 1, SEQ, 1)
+    assert opt.step()[0]  # Adam's state exists from the first step on
+
+    buffers = ddp.buffers + ddp.expert_parallel_buffers
+    assert all(b.numel == b.numel_unpadded for b in buffers), "padded buffer: resize MODEL"
+    params = list(model.parameters())
+    state = [t for o in _optimizers(opt) for s in o.state.values()
+             for key, t in s.items() if key != "step"]  # Adam's m and v
+    measured = dict(
+        frozen=sum(p.nbytes for p in params if not p.requires_grad),
+        trainable=sum(p.nbytes for p in params if p.requires_grad),
+        gradients=sum(b.grad_data.nbytes for b in buffers),
+        optimizer=sum(t.nbytes for t in state))
+
+    job = Job(model_cfg, PESCConfig(**PESC), lora_cfg, dtype="fp32",
+              distributed_optimizer=distributed)
+    lay = Layout(par.tp, par.pp, par.ep, par.etp, dist.get_world_size())
+    counts = trainable_counts(job, lay)
+    predicted = dict(frozen=frozen_bytes(job, lay, ps.get_pipeline_model_parallel_rank()),
+                     trainable=trainable_bytes(job, counts), gradients=gradient_bytes(counts),
+                     optimizer=optimizer_bytes(job, lay, counts))
+    return dict(measured=measured, predicted=predicted)
+
+
+def plan_worker(runs: dict, root: str) -> None:
+    """`_measure` for each of `runs` ({name: kwargs}) in one set of processes; rank r saves
+    {name: result} to root/rank<r>.pt."""
+    from pesc_megatron.runtime.distributed import destroy
+
+    results = {name: _measure(**kwargs) for name, kwargs in runs.items()}
+    torch.save(results, os.path.join(root, f"rank{dist.get_rank()}.pt"))
+    destroy()
