@@ -436,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     plots = _plot_scaling(scaling, out) if scaling else []
 
     result = dict(bench="compare", config={k: v for k, v in vars(a).items() if k != "child"},
-                  ratios=_ratios(rows), rows=rows, scaling=scaling, plots=plots, cpu_count=os.cpu_count(),
-                  loadavg_1m=os.getloadavg()[0], torch=torch.__version__,
+                  ratios=_ratios(rows), rows=rows, scaling=scaling, plots=plots,
+                  cpu_count=os.cpu_count(), loadavg_1m=os.getloadavg()[0], torch=torch.__version__,
                   megatron_core=megatron.core.__version__)
     (out / "compare.md").write_text(table)
     (out / "compare.json").write_text(json.dumps(result, indent=1) + "\n")

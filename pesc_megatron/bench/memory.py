@@ -28,7 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from pesc_megatron.config import LORA_TARGETS, ConfigError, LoRAConfig, ModelConfig, PESCConfig
+from pesc_megatron.config import (
+    LORA_TARGETS,
+    ConfigError,
+    LoRAConfig,
+    ModelConfig,
+    PESCConfig,
+)
 from pesc_megatron.model.size import PRESETS
 from pesc_megatron.plan import Job, Layout, stage_memory
 
