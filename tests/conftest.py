@@ -1,4 +1,5 @@
 import importlib.util
+import sys
 
 import pytest
 
@@ -25,3 +26,13 @@ def smollm2_folder():
     from pesc_megatron.convert.smollm2 import materialize_smollm2
 
     return materialize_smollm2()
+
+
+@pytest.fixture(autouse=True)
+def fresh_moe_loss_tracker():
+    """megatron-core's per-layer aux-loss tracker is a module global sized by the first model
+    that logs to it; in-process tests build models of different depths."""
+    yield
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()

@@ -1,12 +1,10 @@
 """`pesc bench compare`: the reference design computes PESC's formula, the upcycled model's
 experts are copies of the dense FFN, and a tiny run's bookkeeping is right (no timing checks:
 benchmarks print numbers, tests check what they count)."""
-import json
-
 import torch
 import torch.nn.functional as F
 
-from pesc_megatron.bench.compare import ReferencePESC, _build, main
+from pesc_megatron.bench.compare import ReferencePESC, _build, _ratios, markdown, measure
 from pesc_megatron.config import PESCConfig
 from pesc_megatron.model.size import PRESETS, count_parameters
 
@@ -52,15 +50,15 @@ def test_upcycled_experts_copy_the_dense_ffn(single_rank):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_tiny_run_counts(tmp_path, capsys):
-    assert main(["--layers", "1", "--batch", "1", "--seq", "16", "--steps", "1", "--warmup",
-                 "0", "--adapter-dims", "8", "--variants", "pesc,upcycle,reference",
-                 "--out", str(tmp_path)]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    rows = {r["variant"]: r for r in result["rows"]}
-    m = PRESETS["smollm2-135m"]
+def test_tiny_run_counts(single_rank):
+    """The bookkeeping of three variants, measured in this process (`measure` is what each
+    child process of `pesc bench compare` runs)."""
     import dataclasses
 
+    spec = dict(model="smollm2-135m", layers=1, experts=8, topk=2, adapter_dim=8, lora_rank=4,
+                batch=1, seq=16, steps=1, warmup=0, seed=1)
+    rows = {v: measure(dict(spec, variant=v)) for v in ("pesc", "upcycle", "reference")}
+    m = PRESETS["smollm2-135m"]
     counts = count_parameters(dataclasses.replace(m, num_hidden_layers=1),
                               PESCConfig(num_experts=8, topk=2, adapter_dim=8))
     for name in ("pesc", "reference"):  # the same trainable set in both designs
@@ -71,4 +69,8 @@ def test_tiny_run_counts(tmp_path, capsys):
     up = rows["upcycle"]
     assert up["trainable_params"] == up["total_params"] == (
         counts["dense"] + 7 * 3 * m.hidden_size * m.intermediate_size + 8 * m.hidden_size)
-    assert (tmp_path / "compare.md").read_text().count("\n") == 2 + 3
+    table = markdown(list(rows.values()), rows["pesc"])
+    assert table.count("\n") == 2 + 3 and "| upcycle |" in table
+    ratios = _ratios(list(rows.values()))
+    assert ratios["pesc_over_upcycle_trainable_optim_bytes"] == (
+        rows["pesc"]["trainable_and_optim_bytes"] / up["trainable_and_optim_bytes"])
