@@ -19,6 +19,9 @@ setup(
         "sentencepiece",
         "tensorboard",
         "matplotlib",  # `pesc report` and the benchmark plots
+        # The FP8 frozen base without Transformer Engine (model/fp8.py). torchao's float8 tensor
+        # API still moves between minor releases: the tested one.
+        "torchao>=0.18,<0.19",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.0"],

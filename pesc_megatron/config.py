@@ -275,11 +275,83 @@ class TrainConfig:
     dist_timeout_minutes: int = 60  # collectives' timeout; rank 0 tokenises while others wait
 
 
+FROZEN_WEIGHTS = ("fp32", "bf16", "fp8")
+FP8_MATMULS = ("auto", "dequantize", "scaled_mm")
+TE_FP8_RECIPES = ("delayed", "tensorwise", "blockwise")  # megatron-core's fp8_recipe names
+
+
+@dataclass
+class PrecisionConfig:
+    """Storage and arithmetic of the frozen base. Routers, adapters, LoRA and norms keep the
+    model dtype (and routers fp32) whatever is chosen here."""
+
+    frozen_weights: Optional[str] = None  # None: model.dtype; fp8: torchao e4m3 (model/fp8.py)
+    fp8_matmul: str = "auto"  # frozen_weights=fp8: auto | dequantize | scaled_mm
+    fp8_output_layer: bool = False  # frozen_weights=fp8: the logits' weights too (costs loss)
+    fp8: Optional[str] = None  # Transformer Engine FP8 recipe (GPU with TE only)
+    fp8_margin: int = 0  # TE: scale = max representable / (amax * 2^margin)
+    fp8_amax_history_len: int = 1  # TE delayed scaling: amaxes kept per tensor
+
+
+def validate_precision(p: PrecisionConfig, dtype: str) -> None:
+    """Checks the settings alone (`check_fp8_machine` checks this machine for them)."""
+    def bad(key, msg):
+        raise ConfigError(f"precision.{key}={getattr(p, key)!r}: {msg}")
+
+    if p.frozen_weights is not None and p.frozen_weights not in FROZEN_WEIGHTS:
+        bad("frozen_weights", f"must be one of {', '.join(FROZEN_WEIGHTS)} (or null: the "
+            "model dtype)")
+    if p.frozen_weights in ("fp32", "bf16") and p.frozen_weights != dtype:
+        bad("frozen_weights", f"the base computes in the model dtype {dtype}; use {dtype} or "
+            "fp8")
+    if p.fp8_matmul not in FP8_MATMULS:
+        bad("fp8_matmul", f"must be one of {', '.join(FP8_MATMULS)}")
+    if p.fp8 is not None and p.fp8 not in TE_FP8_RECIPES:
+        bad("fp8", f"must be one of {', '.join(TE_FP8_RECIPES)} (or null: no Transformer "
+            "Engine FP8)")
+    if p.fp8 is not None and p.frozen_weights == "fp8":
+        bad("fp8", "Transformer Engine FP8 and precision.frozen_weights=fp8 exclude each "
+            "other; choose one")
+    if p.fp8_margin < 0:
+        bad("fp8_margin", "must be >= 0")
+    if p.fp8_amax_history_len < 1:
+        bad("fp8_amax_history_len", "must be >= 1")
+
+
+def check_fp8_machine(p: PrecisionConfig) -> None:
+    """FP8 arithmetic needs a GPU that has it (compute capability 8.9+: Ada, Hopper, later);
+    Transformer Engine's FP8 (`precision.fp8`) also needs TE and CUDA. torchao's FP8 storage
+    (`frozen_weights: fp8`) works anywhere; its `scaled_mm` products also run on CPUs."""
+    import torch
+
+    def no_fp8_gpu(where: str, instead: str) -> None:
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 9):
+            raise ConfigError(f"{where}: {torch.cuda.get_device_name()} (compute capability "
+                              f"{major}.{minor}) has no FP8 arithmetic (needs 8.9+); {instead}")
+
+    if p.frozen_weights == "fp8" and p.fp8_matmul == "scaled_mm" and torch.cuda.is_available():
+        no_fp8_gpu("precision.fp8_matmul=scaled_mm", "use precision.fp8_matmul=dequantize")
+    if p.fp8 is None:
+        return
+    where = f"precision.fp8={p.fp8}"
+    instead = "use precision.frozen_weights=fp8 (torchao, no Transformer Engine) instead"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:  # not installed, or built for another torch/CUDA
+        raise ConfigError(f"{where}: Transformer Engine does not import ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); {instead}") from None
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{where}: Transformer Engine's FP8 needs a CUDA GPU; {instead}")
+    no_fp8_gpu(where, instead)
+
+
 @dataclass
 class JobConfig:
     model: TrainModelConfig = dataclasses.field(default_factory=TrainModelConfig)
     pesc: dict = dataclasses.field(default_factory=dict)  # overrides of TRAIN_TIME_PESC keys
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -381,6 +453,11 @@ def validate_job(job: JobConfig) -> None:
                 raise ConfigError(f"data.{key}[{i}]={entry!r}: expected a path"
                                   + (" or {path, weight}" if key == "train" else ""))
     validate_lora(job.lora)
+    validate_precision(job.precision, job.model.dtype)
+    if job.precision.fp8 is not None and job.lora.enabled:
+        raise ConfigError(f"precision.fp8={job.precision.fp8} with lora.targets: LoRA on "
+                          "Transformer Engine's linears is not implemented; use "
+                          "precision.frozen_weights=fp8")
     if job.data.seq_length < 2:
         bad("data.seq_length", "must be >= 2")
     if job.data.on_error not in ("raise", "skip"):

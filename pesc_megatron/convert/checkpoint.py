@@ -35,6 +35,7 @@ from pesc_megatron.config import (
     ModelConfig,
     ParallelConfig,
     PESCConfig,
+    PrecisionConfig,
     from_dict,
     validate_layout,
 )
@@ -210,14 +211,17 @@ def _is_lora(key: str) -> bool:
 
 def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
          initialize: bool = False, pesc_overrides: dict | None = None,
-         lora: LoRAConfig | None = None, **build_options):
+         lora: LoRAConfig | None = None, precision: PrecisionConfig | None = None,
+         **build_options):
     """Builds this rank's part of the model for `parallel` and loads the checkpoint into it
     (a training checkpoint: its base, then its routers, adapters and LoRA). Needs
     `runtime.distributed.initialize(parallel)` first. Returns (model, info). The random init is
     skipped (`initialize=False`): every weight comes from the checkpoint. `pesc_overrides`
     changes training-time PESC settings. `lora` (a training job's) adds fresh LoRA weights
     where the checkpoint has none; a checkpoint trained with LoRA must be given the same
-    settings. `build_options` go to `build_model`."""
+    settings. `precision`: `frozen_weights="fp8"` stores the frozen weights in FP8 once loaded
+    (model/fp8.py); `fp8` builds with Transformer Engine's linears (GPU). `build_options` go to
+    `build_model`."""
     from pesc_megatron.model.builder import build_model
 
     ckpt = Path(ckpt)
@@ -234,7 +238,8 @@ def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
     except ConfigError as e:
         raise ConfigError(f"{ckpt}: {e}") from None
     model = build_model(info.model, info.pesc, parallel, dtype or info.dtype,
-                        initialize=initialize, lora=info.lora, **build_options)
+                        initialize=initialize, lora=info.lora, precision=precision,
+                        **build_options)
     # The base has no LoRA weights: they keep their init (B = 0) unless trained ones follow.
     base_state = {k: v for k, v in model.sharded_state_dict().items() if not _is_lora(k)}
     state = dist_checkpointing.load(base_state, str(info.base / WEIGHTS))
@@ -245,6 +250,10 @@ def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
             {"model": trainable_sharded_state_dict(model, with_lora=trained_lora)},
             str(info.trained / WEIGHTS))
         model.load_state_dict(state["model"], strict=False)
+    if precision is not None and precision.frozen_weights == "fp8":
+        from pesc_megatron.model.fp8 import convert_frozen_weights
+
+        convert_frozen_weights(model, precision.fp8_matmul, precision.fp8_output_layer)
     return model, info
 
 

@@ -11,6 +11,7 @@ from pesc_megatron.config import (
     ModelConfig,
     ParallelConfig,
     PESCConfig,
+    PrecisionConfig,
     validate_layout,
     validate_lora,
 )
@@ -22,15 +23,26 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
            "fp64": torch.float64}
 
 
+def te_fp8_fields(precision: PrecisionConfig | None) -> dict:
+    """megatron-core's TransformerConfig fields for Transformer Engine's FP8 (`precision.fp8`,
+    GPU only). Format `hybrid`: e4m3 in the forward, e5m2 for gradients, as Megatron-LM trains."""
+    if precision is None or precision.fp8 is None:
+        return {}
+    return dict(fp8="hybrid", fp8_recipe=precision.fp8, fp8_margin=precision.fp8_margin,
+                fp8_amax_history_len=precision.fp8_amax_history_len)
+
+
 def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
                        dtype: str = "fp32", initialize: bool = True,
                        recompute: str = "none",
-                       lora: LoRAConfig | None = None) -> PESCTransformerConfig:
+                       lora: LoRAConfig | None = None,
+                       precision: PrecisionConfig | None = None) -> PESCTransformerConfig:
     """The single megatron-core config for the model (Llama-family defaults: no dropout).
     `initialize=False` skips the random init of the frozen base (it is about to be loaded);
     routers and adapters are always initialised (see pesc_layer). `recompute`: none, selective
     (core attention, megatron-core's default modules) or full (every layer's activations).
-    `lora`: LoRA on the frozen base's projections (None: none)."""
+    `lora`: LoRA on the frozen base's projections (None: none). `precision`: its Transformer
+    Engine FP8 settings (`precision.frozen_weights` applies after loading, see model/fp8.py)."""
     validate_layout(model, pesc, parallel)
     lora = lora or LoRAConfig()
     validate_lora(lora, model)
@@ -40,6 +52,7 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
         recompute_options.update(recompute_method="uniform", recompute_num_layers=1)
     return PESCTransformerConfig(
         **recompute_options,
+        **te_fp8_fields(precision),
         num_layers=model.num_hidden_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.intermediate_size,
@@ -89,11 +102,14 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
 def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
                 dtype: str = "fp32", pre_process: bool | None = None,
                 post_process: bool | None = None, initialize: bool = True,
-                recompute: str = "none", lora: LoRAConfig | None = None) -> GPTModel:
+                recompute: str = "none", lora: LoRAConfig | None = None,
+                precision: PrecisionConfig | None = None) -> GPTModel:
     """One pipeline stage of the PESC GPTModel, frozen except routers, adapters and LoRA.
+    With `precision.fp8` (Transformer Engine, GPU only) the base's linears are TE's.
 
     Needs `parallel_state` initialised with the same layout (see runtime.initialize)."""
-    config = transformer_config(model, pesc, parallel, dtype, initialize, recompute, lora)
+    config = transformer_config(model, pesc, parallel, dtype, initialize, recompute, lora,
+                                precision)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:

@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from pesc_megatron.config import ConfigError
 from pesc_megatron.model.lora import LINEAR_TARGETS, LORA_LINEARS
 from pesc_megatron.model.norm import SequenceParallelTorchNorm
 from pesc_megatron.model.pesc_layer import PESCAdapterExperts, PESCMoELayer
@@ -71,10 +72,33 @@ def get_pesc_layer_local_spec(num_experts: int, normalization: str = "RMSNorm",
     return spec
 
 
+def get_pesc_layer_te_spec(num_experts: int, normalization: str = "RMSNorm",
+                           lora_targets=()) -> ModuleSpec:
+    """GPU only, not yet run on one: the local layer with Transformer Engine's linears for the
+    frozen base (qkv, proj, the shared FFN's fc1 and fc2), so that its GEMMs run in FP8 under
+    TE's recipes (`precision.fp8`). Norms, attention (with the block-diagonal mask of packed
+    sequences), router and adapter experts stay local and in high precision."""
+    if lora_targets:
+        raise ConfigError("lora.targets with precision.fp8: LoRA on Transformer Engine's "
+                          "linears is not implemented; use precision.frozen_weights=fp8")
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    spec = get_pesc_layer_local_spec(num_experts, normalization)
+    attn = spec.submodules.self_attention.submodules
+    attn.linear_qkv, attn.linear_proj = TEColumnParallelLinear, TERowParallelLinear
+    shared = spec.submodules.mlp.submodules.shared_experts.submodules
+    shared.linear_fc1, shared.linear_fc2 = TEColumnParallelLinear, TERowParallelLinear
+    return spec
+
+
 def get_pesc_block_spec(config, vp_stage=None) -> TransformerBlockSubmodules:
-    """This pipeline stage's layers, with the SP-capable final norm."""
-    layer = get_pesc_layer_local_spec(config.num_moe_experts, config.normalization,
-                                      config.pesc_lora_targets)
+    """This pipeline stage's layers (Transformer Engine's linears for the base with
+    `config.fp8`), with the SP-capable final norm."""
+    layer_spec = get_pesc_layer_te_spec if config.fp8 else get_pesc_layer_local_spec
+    layer = layer_spec(config.num_moe_experts, config.normalization, config.pesc_lora_targets)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers,
                                       layer_norm=SequenceParallelTorchNorm)

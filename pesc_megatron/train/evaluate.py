@@ -16,7 +16,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from pesc_megatron.config import ConfigError, ParallelConfig, validate_layout
+from pesc_megatron.config import (
+    FP8_MATMULS,
+    FROZEN_WEIGHTS,
+    ConfigError,
+    ParallelConfig,
+    PrecisionConfig,
+    check_fp8_machine,
+    validate_layout,
+)
 from pesc_megatron.data import collate
 from pesc_megatron.runtime.distributed import destroy, device, initialize
 from pesc_megatron.train.step import run_schedule
@@ -78,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-packing", dest="packing", action="store_false",
                     help="one sample per sequence (the loss is the same; packing is faster)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--frozen-weights", choices=FROZEN_WEIGHTS,
+                    help="storage of the frozen base (default: --dtype); fp8: torchao e4m3")
+    ap.add_argument("--fp8-matmul", choices=FP8_MATMULS, default="auto",
+                    help="with --frozen-weights fp8: scaled_mm (FP8 products, default on "
+                         "GPUs with FP8) or dequantize (high-precision products)")
+    ap.add_argument("--fp8-output-layer", action="store_true",
+                    help="with --frozen-weights fp8: the output layer (or tied embedding) too")
     ap.add_argument("--tokenizer", help="default: the checkpoint's tokenizer/ folder")
     ap.add_argument("--cache-dir", help="token cache (default: none, tokenise in memory)")
     for key in ("tp", "pp", "ep", "etp"):
@@ -86,9 +101,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from pesc_megatron.convert import checkpoint
     from pesc_megatron.data import build_dataset, load_tokenizer
+    from pesc_megatron.model.fp8 import describe_frozen
     from pesc_megatron.train.loop import say
 
     par = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
+    if args.frozen_weights not in (None, "fp8", args.dtype):
+        ap.error(f"--frozen-weights {args.frozen_weights}: the base computes in --dtype "
+                 f"{args.dtype}; use {args.dtype} or fp8")
+    precision = PrecisionConfig(frozen_weights=args.frozen_weights, fp8_matmul=args.fp8_matmul,
+                                fp8_output_layer=args.fp8_output_layer)
+    check_fp8_machine(precision)
     info = checkpoint.read_info(args.ckpt)
     try:
         validate_layout(info.model, info.pesc, par, int(os.environ.get("WORLD_SIZE", "1")))
@@ -100,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                             cache_dir=args.cache_dir)
     initialize(par)
     try:
-        model, _ = checkpoint.load(args.ckpt, par, args.dtype)
+        model, _ = checkpoint.load(args.ckpt, par, args.dtype, precision=precision)
+        say(describe_frozen(model))
         loss, tokens = evaluate(model, dataset, args.micro_batch_size)
         say(f"eval: {dataset.stats.summary()}")
         say(json.dumps({"loss": loss, "tokens": tokens, "records": dataset.stats.samples}))

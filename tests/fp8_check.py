@@ -1,0 +1,127 @@
+"""The FP8 frozen linear against the float64 product, within the error e4m3 allows; shared by
+the single-rank unit test and the TP=2 gloo test (it runs on any tensor-parallel size).
+
+The bound. A value v scaled by s into e4m3 (3 mantissa bits, smallest normal 2^-6, subnormal
+spacing 2^-9) comes back as s * round(v / s) with |error| <= max(2^-4 |v|, 2^-10 s): half a
+unit in the last place, relative for normal numbers, absolute for subnormal ones. torchao's
+scale is amax / 448 over a row (weight-only) or over the tensor (`scaled_mm`, which quantizes
+the activations and gradients as well); a shard's amax is at most the full tensor's, so the
+full tensor's scale bounds every shard's. For a product a @ b with errors da, db per element:
+
+    |a @ b - (a + ea) @ (b + eb)| <= |a| @ db + da @ |b| + da @ db  (+ fp32 accumulation)
+
+and the fp32 arithmetic (quantize, dequantize, accumulate over n terms) adds at most
+n * 2^-22 * (|a| @ |b|) (n * 2^-24 per accumulation, with room for the rest).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+E4M3_MAX = 448.0
+HIDDEN, FFN, SEQ, BATCH = 32, 64, 8, 2
+
+
+def rounding(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Largest |error| of each element of t when stored in e4m3 with scale(s) `scale`."""
+    return torch.maximum(t.abs() * 2.0**-4, scale * 2.0**-10)
+
+
+def product_bound(a, b, da, db) -> torch.Tensor:
+    n = a.shape[-1]
+    return (a.abs() @ db + da @ b.abs() + da @ db + n * 2.0**-22 * (a.abs() @ b.abs()))
+
+
+def quantized(t: torch.Tensor, rowwise: bool) -> torch.Tensor:
+    """Element error bound of t's e4m3 rounding (rows of the last dim, or the whole tensor)."""
+    amax = t.abs().amax(dim=-1, keepdim=True) if rowwise else t.abs().amax()
+    return rounding(t, amax / E4M3_MAX)
+
+
+def make_linear(kind: str, config):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    if kind == "column":
+        return ColumnParallelLinear(HIDDEN, FFN, config=config, init_method=config.init_method,
+                                    bias=False, gather_output=False, skip_bias_add=True)
+    return RowParallelLinear(FFN, HIDDEN, config=config, init_method=config.init_method,
+                             bias=False, input_is_parallel=True, skip_bias_add=True)
+
+
+def check_frozen_linear(kind: str, matmul: str) -> dict:
+    """Builds megatron-core's column- or row-parallel linear at the current TP size (sequence
+    parallel when TP > 1, as PESC runs), gives it a frozen FP8 weight and checks the forward
+    and the backward to the input against float64 within the bound. Returns the largest
+    |error| / bound seen."""
+    from megatron.core import parallel_state as ps
+
+    from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
+    from pesc_megatron.model.builder import transformer_config
+    from pesc_megatron.model.fp8 import convert_frozen_weights
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    config = transformer_config(
+        ModelConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_attention_heads=4),
+        PESCConfig(num_experts=2, topk=2, adapter_dim=8), ParallelConfig(tp=tp))
+    g = torch.Generator().manual_seed(3)
+    in_f, out_f = (HIDDEN, FFN) if kind == "column" else (FFN, HIDDEN)
+    # Rows of very different magnitudes, and elements small enough to be e4m3 subnormals.
+    w = torch.randn(out_f, in_f, generator=g) * torch.logspace(-3, 0, out_f).unsqueeze(1)
+    w[:, :3] *= 1e-4
+    x = torch.randn(SEQ, BATCH, in_f, generator=g)
+    grad = torch.randn(SEQ, BATCH, out_f, generator=g)
+
+    linear = make_linear(kind, config)
+    rows, cols = slice(None), slice(None)
+    if kind == "column":
+        rows = slice(rank * out_f // tp, (rank + 1) * out_f // tp)
+    else:
+        cols = slice(rank * in_f // tp, (rank + 1) * in_f // tp)
+    seq = slice(rank * SEQ // tp, (rank + 1) * SEQ // tp)  # sequence-parallel shard
+    with torch.no_grad():
+        linear.weight.copy_(w[rows, cols])
+    linear.weight.requires_grad_(False)
+    assert convert_frozen_weights(linear, matmul) == matmul
+    assert linear.weight.qdata.dtype == torch.float8_e4m3fn
+
+    every = slice(None)
+    if kind == "column":  # input: a sequence shard; output: all positions, an output shard
+        inp, grad_out = x[seq], grad[..., rows]
+        out_index, in_grad_index = (every, every, rows), (seq, every, every)
+    else:  # input: a hidden shard; output: reduce-scattered over the sequence
+        inp, grad_out = x[..., cols], grad[seq]
+        out_index, in_grad_index = (seq, every, every), (every, every, cols)
+    inp = inp.clone().requires_grad_(True)
+    out, _ = linear(inp)
+    out.backward(grad_out)
+
+    x64, w64, g64 = x.double(), w.double(), grad.double()
+    rowwise = matmul == "dequantize"
+    dw = quantized(w64, rowwise)
+    dx = torch.zeros_like(x64) if rowwise else quantized(x64, rowwise=False)
+    dg = torch.zeros_like(g64) if rowwise else quantized(g64, rowwise=False)
+    want_out, bound_out = x64 @ w64.t(), product_bound(x64, w64.t(), dx, dw.t())
+    want_in, bound_in = g64 @ w64, product_bound(g64, w64, dg, dw)
+    ratios = {}
+    for name, got, want, bound, index in (
+            ("forward", out, want_out, bound_out, out_index),
+            ("backward", inp.grad, want_in, bound_in, in_grad_index)):
+        err = (got.double() - want[index]).abs()
+        assert (err <= bound[index]).all(), (name, kind, matmul, (err / bound[index]).max())
+        ratios[name] = (err / bound[index]).max().item()
+    return ratios
+
+
+def tp_worker() -> None:
+    """In each spawned rank: both linears, both product kinds, at this world's TP size."""
+    from pesc_megatron.config import ParallelConfig
+    from pesc_megatron.runtime.distributed import destroy, initialize
+
+    initialize(ParallelConfig(tp=int(os.environ["WORLD_SIZE"])))
+    try:
+        for kind in ("column", "row"):
+            for matmul in ("dequantize", "scaled_mm"):
+                check_frozen_linear(kind, matmul)
+    finally:
+        destroy()

@@ -1,0 +1,32 @@
+"""The FP8 frozen base under tensor parallelism (gloo): each rank's shard of the FP8 linears'
+forward and input gradient is within e4m3's rounding of the float64 product; and `pesc train`
+/ `pesc eval` with `precision.frozen_weights=fp8` at TP=2 end to end."""
+import json
+
+import pytest
+
+from tests import tiny
+from tests.fp8_check import tp_worker
+from tests.parallel.test_train import evaluate, train
+from tests.parallel.workers import spawn
+
+
+def test_fp8_frozen_linears_tp2():
+    spawn(tp_worker, 2)
+
+
+def test_train_and_eval_on_an_fp8_base_tp2(tmp_path, single_rank):
+    ckpt = tiny.make_checkpoint(tmp_path)
+    tiny.write_jsonl(tmp_path / "train.jsonl", tiny.records(32, 1))
+    valid = tiny.write_jsonl(tmp_path / "valid.jsonl", tiny.records(16, 2))
+    out = tmp_path / "out"
+    config = tiny.write_job(tmp_path / "job.yaml", ckpt, tmp_path, out, parallel={"tp": 2},
+                            train={"iters": 4}, pesc={"adapter_dropout": 0.0})
+    run = train(2, config, "precision.frozen_weights=fp8")
+    assert "frozen weights on this rank: " in run.stdout and "of bf16)" in run.stdout
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()
+            if "valid_loss" in r]
+    assert [r["step"] for r in rows] == [0, 4] and rows[1]["valid_loss"] < rows[0]["valid_loss"]
+    # `pesc eval` of the run on an FP8 base at the run's layout is its final validation.
+    fp8 = evaluate(2, out, valid, "--tp", "2", "--frozen-weights", "fp8")
+    assert fp8["loss"] == pytest.approx(rows[1]["valid_loss"], rel=1e-5)
