@@ -29,10 +29,13 @@ def smollm2_folder():
 
 
 @pytest.fixture(autouse=True)
-def fresh_moe_loss_tracker():
-    """megatron-core's per-layer aux-loss tracker is a module global sized by the first model
-    that logs to it; in-process tests build models of different depths."""
+def fresh_moe_globals():
+    """megatron-core keeps MoE state in module globals: the per-layer aux-loss tracker (sized by
+    the first model that logs to it) and the aux-loss backward scale (shaped by whoever sets it
+    first: a plain backward makes it 0-d, the schedules copy a [1] tensor into it). In-process
+    tests build models of different depths and train with and without the schedules."""
     yield
     moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
     if moe_utils is not None:
         moe_utils.get_moe_layer_wise_logging_tracker().clear()
+        moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None

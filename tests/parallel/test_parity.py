@@ -17,7 +17,6 @@ LAYOUTS = {
 # LoRA on all seven projections (routers, adapters and LoRA A/B all non-zero).
 LORA_LAYOUTS = {
     "lora_tp2_sp": (2, dict(tp=2, lora=True)),
-    "lora_tp2_ep2": (4, dict(tp=2, ep=2, lora=True)),
     "lora_pp2": (2, dict(pp=2, lora=True)),
 }
 
