@@ -287,7 +287,9 @@ class PrecisionConfig:
 
     frozen_weights: Optional[str] = None  # None: model.dtype; fp8: torchao e4m3 (model/fp8.py)
     fp8_matmul: str = "auto"  # frozen_weights=fp8: auto | dequantize | scaled_mm
-    fp8_output_layer: bool = False  # frozen_weights=fp8: the logits' weights too (costs loss)
+    fp8_output_layer: bool = True  # frozen_weights=fp8: the logits' weights (output layer, a
+    # tied embedding) too, with `fp8_output_outliers` of their hidden columns in high precision
+    fp8_output_outliers: int = 32
     fp8: Optional[str] = None  # Transformer Engine FP8 recipe (GPU with TE only)
     fp8_margin: int = 0  # TE: scale = max representable / (amax * 2^margin)
     fp8_amax_history_len: int = 1  # TE delayed scaling: amaxes kept per tensor
@@ -312,6 +314,8 @@ def validate_precision(p: PrecisionConfig, dtype: str) -> None:
     if p.fp8 is not None and p.frozen_weights == "fp8":
         bad("fp8", "Transformer Engine FP8 and precision.frozen_weights=fp8 exclude each "
             "other; choose one")
+    if p.fp8_output_outliers < 0:
+        bad("fp8_output_outliers", "must be >= 0 (0: the whole output layer in FP8)")
     if p.fp8_margin < 0:
         bad("fp8_margin", "must be >= 0")
     if p.fp8_amax_history_len < 1:

@@ -4,8 +4,9 @@ settings alone, and a suggested layout that fits.
 Per GPU (the pipeline stage that needs the most), as megatron-core allocates it:
 - the frozen base (embeddings, attention, shared SwiGLU FFN, norms, output layer unless tied),
   split by TP and, by layers, by PP; with --fp8-base every frozen weight matrix takes 1 byte
-  plus an fp32 scale per row, as `precision.frozen_weights: fp8` stores it (a projection:
-  `pesc bench memory` does not measure it);
+  plus an fp32 scale per row, as `precision.frozen_weights: fp8` stores it by default (with
+  the output layer's 32 high-precision columns; `tests/parallel/test_plan.py` checks it
+  against the converted model);
 - trainable routers (fp32, replicated), adapters (split by EP and ETP) and LoRA (A or B split
   by TP like the base, the other replicated), their fp32 gradient buffer and the optimizer
   state (fp32 master copy of bf16 weights + Adam m and v), which the distributed optimizer
@@ -29,6 +30,7 @@ from pesc_megatron.config import (
     ModelConfig,
     ParallelConfig,
     PESCConfig,
+    PrecisionConfig,
     lora_shapes,
     validate_layout,
     validate_lora,
@@ -105,6 +107,8 @@ def frozen_bytes(job: Job, lay: Layout, stage: int) -> int:
         total += table
     if stage == lay.pp - 1:
         total += h * a + (table if not m.tie_word_embeddings or lay.pp > 1 else 0)
+        if job.fp8_base:  # the FP8 output layer's columns kept in the model dtype (+ index)
+            total += PrecisionConfig().fp8_output_outliers * ((v // tp) * a + 8)
     return total
 
 
@@ -377,7 +381,8 @@ def _parse(argv):
     ap.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16")
     ap.add_argument("--fp8-base", action="store_true",
                     help="frozen weight matrices in FP8 (precision.frozen_weights: fp8): 1 byte "
-                    "each + an fp32 scale per row; norms stay in --dtype (a projection)")
+                    "each + an fp32 scale per row, the output layer's 32 high-precision columns; "
+                    "norms stay in --dtype")
     ap.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction,
                     default=True, help="shard optimizer state over data parallel (default on)")
     ap.add_argument("--recompute", choices=RECOMPUTE_LEVELS,
@@ -412,7 +417,7 @@ def _job(args) -> Job:
 def _table(job: Job, lay: Layout, recompute: str, memory: dict, gpu_bytes: float) -> list:
     in_flight = lay.pp - memory["stage"]
     sharded = f" /{lay.dp} (experts /{lay.expert_dp})" if job.distributed_optimizer else ""
-    rows = [(f"frozen base, {'FP8 (projection)' if job.fp8_base else job.dtype}",
+    rows = [(f"frozen base, {'FP8' if job.fp8_base else job.dtype}",
              memory["frozen"]),
             ("routers, adapters, LoRA", memory["trainable"]),
             ("gradient buffer, fp32", memory["gradients"]),
@@ -454,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
           f"seq {job.seq} x micro-batch {job.micro_batch}; {args.nodes} node(s) x "
           f"{args.gpus_per_node} GPUs of {args.gpu_memory:g} GiB")
     if job.fp8_base:
-        print("  --fp8-base is a projection: 1 byte per frozen weight + a scale per row, not "
-              "measured by `pesc bench memory`")
+        print("  --fp8-base: 1 byte per frozen weight + a scale per row and the output layer's "
+              "32 high-precision columns (the default precision.frozen_weights: fp8); its "
+              "activations are not measured by `pesc bench memory`")
     label = "layout" if fixed_layout else (
         "suggested layout" if with_headroom else "nothing fits; the smallest layout")
     print(f"{label}: TP {lay.tp}, PP {lay.pp}, EP {lay.ep}, ETP {lay.etp} -> DP {lay.dp}, "

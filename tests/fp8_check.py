@@ -113,6 +113,72 @@ def check_frozen_linear(kind: str, matmul: str) -> dict:
     return ratios
 
 
+def check_output_outliers(count: int = 4) -> None:
+    """megatron-core's output layer (column-parallel over the vocabulary, sequence parallel at
+    TP > 1) with an FP8 weight whose `count` costliest hidden columns keep their residual:
+    one hidden dimension carries a massive activation and must be among them; every rank
+    picks the same columns; forward and input gradient equal the float64 product with the
+    effective weight (FP8 rows, exact on the kept columns); and the logits' error is a fraction
+    of the plain FP8 layer's."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
+    from pesc_megatron.model.builder import transformer_config
+    from pesc_megatron.model.fp8 import add_outlier_columns, output_hidden_mean_square, to_float8
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    config = transformer_config(
+        ModelConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_attention_heads=4),
+        PESCConfig(num_experts=2, topk=2, adapter_dim=8), ParallelConfig(tp=tp))
+    vocab, massive = 4 * FFN, 5
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(vocab, HIDDEN, generator=g)
+    x = torch.randn(SEQ, BATCH, HIDDEN, generator=g)
+    x[..., massive] *= 40
+    grad = torch.randn(SEQ, BATCH, vocab, generator=g)
+    rows = slice(rank * vocab // tp, (rank + 1) * vocab // tp)
+    seq = slice(rank * SEQ // tp, (rank + 1) * SEQ // tp)
+
+    layer = ColumnParallelLinear(HIDDEN, vocab, config=config, init_method=config.init_method,
+                                 bias=False, gather_output=False)
+    holder = torch.nn.Module()
+    holder.output_layer = layer
+    with torch.no_grad():
+        layer.weight.copy_(w[rows])
+    hidden_ms = output_hidden_mean_square(holder, lambda: layer(x[seq]))
+    torch.testing.assert_close(hidden_ms, x.pow(2).mean((0, 1)))
+    fp8 = to_float8(w[rows], "dequantize")
+    layer.weight = torch.nn.Parameter(fp8, requires_grad=False)
+    outliers = add_outlier_columns(layer, w[rows], fp8, hidden_ms, count)
+    index = outliers.index
+    assert massive in index.tolist() and len(index) == count
+    if tp > 1:
+        every = [torch.empty_like(index) for _ in range(tp)]
+        dist.all_gather(every, index, group=ps.get_tensor_model_parallel_group())
+        assert all(torch.equal(i, index) for i in every)
+
+    inp = x[seq].clone().requires_grad_(True)
+    out, _ = layer(inp)
+    out.backward(grad[..., rows])
+
+    dequantized = to_float8(w, "dequantize").dequantize().double()  # per-row scales: any TP
+    effective = dequantized.clone()
+    effective[:, index] = w.double()[:, index]
+    x64, g64 = x.double(), grad.double()
+    exact = (x64 @ w.double().t())[..., rows]
+    scale = (x64.abs() @ w.double().abs().t())[..., rows]
+    assert ((out.double() - (x64 @ effective.t())[..., rows]).abs() <= 1e-6 * scale).all()
+    want_grad = (g64[..., rows] @ effective[rows])
+    if tp > 1:  # each rank's share of the gradient, summed over the vocabulary shards
+        dist.all_reduce(want_grad, group=ps.get_tensor_model_parallel_group())
+    grad_scale = g64.abs() @ w.double().abs()
+    assert ((inp.grad.double() - want_grad[seq]).abs() <= 1e-6 * grad_scale[seq]).all()
+    plain = ((x64 @ dequantized.t())[..., rows] - exact).abs().max()
+    assert (out.double() - exact).abs().max() < 0.25 * plain, (out - exact).abs().max() / plain
+
+
 def tp_worker() -> None:
     """In each spawned rank: both linears, both product kinds, at this world's TP size."""
     from pesc_megatron.config import ParallelConfig
@@ -123,5 +189,6 @@ def tp_worker() -> None:
         for kind in ("column", "row"):
             for matmul in ("dequantize", "scaled_mm"):
                 check_frozen_linear(kind, matmul)
+        check_output_outliers()
     finally:
         destroy()

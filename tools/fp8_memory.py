@@ -17,10 +17,13 @@ import resource
 import subprocess
 import sys
 
-# name: (model dtype, precision.frozen_weights, precision.fp8_output_layer)
-VARIANTS = {"fp32": ("fp32", None, False), "bf16": ("bf16", None, False),
-            "fp8": ("fp32", "fp8", False), "bf16+fp8": ("bf16", "fp8", False),
-            "bf16+fp8+output": ("bf16", "fp8", True)}
+# name: (model dtype, precision.frozen_weights, precision.fp8_output_layer,
+#        precision.fp8_output_outliers); "fp8" and "bf16+fp8" are the defaults
+VARIANTS = {"fp32": ("fp32", None, True, 32), "bf16": ("bf16", None, True, 32),
+            "fp8": ("fp32", "fp8", True, 32), "bf16+fp8": ("bf16", "fp8", True, 32),
+            "bf16+fp8,no-outliers": ("bf16", "fp8", True, 0),
+            "bf16+fp8,output-kept": ("bf16", "fp8", False, 32)}
+FP8_BF16 = [v for v in VARIANTS if v.startswith("bf16+fp8")]
 
 
 def measure(ckpt: str, variant: str) -> dict:
@@ -31,13 +34,14 @@ def measure(ckpt: str, variant: str) -> dict:
     from pesc_megatron.model.fp8 import frozen_weight_bytes
     from pesc_megatron.runtime.distributed import destroy, initialize
 
-    dtype, frozen, output_layer = VARIANTS[variant]
+    dtype, frozen, output_layer, outliers = VARIANTS[variant]
     initialize(ParallelConfig())
     gc.collect()
     before = psutil.Process().memory_info().rss
     model, _ = checkpoint.load(ckpt, ParallelConfig(), dtype,
                                precision=PrecisionConfig(frozen_weights=frozen,
-                                                         fp8_output_layer=output_layer))
+                                                         fp8_output_layer=output_layer,
+                                                         fp8_output_outliers=outliers))
     gc.collect()
     # glibc keeps freed memory (here: the weights before conversion) for reuse; give it back
     # so that RSS shows what the model holds.
@@ -66,13 +70,13 @@ def main() -> None:
                              check=True, capture_output=True, text=True).stdout
         rows[variant] = json.loads(out.strip().splitlines()[-1])
     mib = 2**20
-    print(f"{'variant':15} {'frozen MiB':>10} {'RSS model MiB':>13} {'peak RSS MiB':>12}")
+    print(f"{'variant':20} {'frozen MiB':>10} {'RSS model MiB':>13} {'peak RSS MiB':>12}")
     for v, r in rows.items():
-        print(f"{v:15} {r['frozen_bytes'] / mib:10.1f} {r['rss_model'] / mib:13.1f} "
+        print(f"{v:20} {r['frozen_bytes'] / mib:10.1f} {r['rss_model'] / mib:13.1f} "
               f"{r['peak_rss'] / mib:12.1f}")
     bf16 = rows["bf16"]
     ratios = {f"{key}_{v}_over_bf16": rows[v][key] / bf16[key]
-              for v in ("bf16+fp8", "bf16+fp8+output") for key in ("frozen_bytes", "rss_model")}
+              for v in FP8_BF16 for key in ("frozen_bytes", "rss_model")}
     print(json.dumps(dict(rows=rows, **{k: round(v, 4) for k, v in ratios.items()})))
 
 

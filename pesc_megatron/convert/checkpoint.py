@@ -251,10 +251,22 @@ def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
             str(info.trained / WEIGHTS))
         model.load_state_dict(state["model"], strict=False)
     if precision is not None and precision.frozen_weights == "fp8":
-        from pesc_megatron.model.fp8 import convert_frozen_weights
-
-        convert_frozen_weights(model, precision.fp8_matmul, precision.fp8_output_layer)
+        convert_to_fp8(model, info, parallel, precision)
     return model, info
+
+
+def convert_to_fp8(model, info: CheckpointInfo, parallel: ParallelConfig,
+                   precision: PrecisionConfig) -> None:
+    """`precision.frozen_weights=fp8` on a loaded model; its calibration pass (which columns
+    of the output layer stay in high precision) is one forward of 256 tokens, every rank."""
+    from pesc_megatron.model.fp8 import calibration_batch, convert_frozen_weights
+    from pesc_megatron.train.step import forward_only
+
+    seq = -(-256 // parallel.tp) * parallel.tp  # sequence parallelism splits it over TP
+    batch = calibration_batch(info.model.vocab_size, seq)
+    convert_frozen_weights(model, precision.fp8_matmul, precision.fp8_output_layer,
+                           precision.fp8_output_outliers,
+                           calibrate=lambda: forward_only(model, [batch], seq, 1))
 
 
 def check_lora(info: CheckpointInfo, lora: LoRAConfig, ckpt) -> None:

@@ -24,10 +24,11 @@ from pesc_megatron.config import (
     PrecisionConfig,
     check_fp8_machine,
     validate_layout,
+    validate_precision,
 )
 from pesc_megatron.data import collate
 from pesc_megatron.runtime.distributed import destroy, device, initialize
-from pesc_megatron.train.step import run_schedule
+from pesc_megatron.train.step import forward_only
 
 
 def padding_item(dataset) -> dict:
@@ -51,7 +52,6 @@ def last_stage_sum(value: torch.Tensor | float | None) -> torch.Tensor:
     return t / ps.get_tensor_model_parallel_world_size()
 
 
-@torch.no_grad()
 def evaluate(model, dataset, micro_batch_size: int) -> tuple[float, int]:
     """(mean loss over all loss tokens of `dataset`, number of loss tokens)."""
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -62,14 +62,7 @@ def evaluate(model, dataset, micro_batch_size: int) -> tuple[float, int]:
              for i in range(rank * per_rank, (rank + 1) * per_rank)]
     batches = [collate(items[j:j + micro_batch_size]) for j in range(0, per_rank,
                                                                        micro_batch_size)]
-    was_training = model.training
-    saved_load = [(m, m.expert_load.clone()) for m in model.modules() if hasattr(m, "expert_load")]
-    model.eval()
-    stats = run_schedule(model, batches, num_mb, dataset.seq_length, micro_batch_size,
-                         forward_only=True)
-    model.train(was_training)
-    for m, load in saved_load:  # evaluation does not count as routing load
-        m.expert_load.copy_(load)
+    stats = forward_only(model, batches, dataset.seq_length, micro_batch_size)
     loss_sum = last_stage_sum(None if stats is None else stats["loss_sum"])
     tokens = last_stage_sum(None if stats is None else stats["tokens"])
     return (loss_sum / tokens.clamp(min=1)).item(), int(tokens.round().item())
@@ -91,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp8-matmul", choices=FP8_MATMULS, default="auto",
                     help="with --frozen-weights fp8: scaled_mm (FP8 products, default on "
                          "GPUs with FP8) or dequantize (high-precision products)")
-    ap.add_argument("--fp8-output-layer", action="store_true",
-                    help="with --frozen-weights fp8: the output layer (or tied embedding) too")
+    ap.add_argument("--fp8-output-layer", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --frozen-weights fp8: the output layer (or tied embedding) too "
+                         "(default: yes)")
+    ap.add_argument("--fp8-output-outliers", type=int, default=32,
+                    help="with --fp8-output-layer: hidden columns of the output layer kept in "
+                         "high precision (default 32)")
     ap.add_argument("--tokenizer", help="default: the checkpoint's tokenizer/ folder")
     ap.add_argument("--cache-dir", help="token cache (default: none, tokenise in memory)")
     for key in ("tp", "pp", "ep", "etp"):
@@ -109,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--frozen-weights {args.frozen_weights}: the base computes in --dtype "
                  f"{args.dtype}; use {args.dtype} or fp8")
     precision = PrecisionConfig(frozen_weights=args.frozen_weights, fp8_matmul=args.fp8_matmul,
-                                fp8_output_layer=args.fp8_output_layer)
+                                fp8_output_layer=args.fp8_output_layer,
+                                fp8_output_outliers=args.fp8_output_outliers)
+    validate_precision(precision, args.dtype)
     check_fp8_machine(precision)
     info = checkpoint.read_info(args.ckpt)
     try:

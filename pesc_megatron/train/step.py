@@ -89,3 +89,18 @@ def run_schedule(model, micro_batches: Iterable[dict], num_microbatches: int, se
     return {"lm_loss": torch.stack([d["lm_loss"] for d in losses]).mean(),
             "loss_sum": torch.stack([d["loss_sum"] for d in losses]).sum(),
             "tokens": torch.stack([d["tokens"] for d in losses]).sum()}
+
+
+@torch.no_grad()
+def forward_only(model, micro_batches: list[dict], seq_length: int, micro_batch_size: int):
+    """`run_schedule` without gradients, in eval mode (no dropout), leaving the routers' load
+    counters as they were: evaluation and calibration passes are not routing load."""
+    was_training = model.training
+    saved_load = [(m, m.expert_load.clone()) for m in model.modules() if hasattr(m, "expert_load")]
+    model.eval()
+    stats = run_schedule(model, micro_batches, len(micro_batches), seq_length, micro_batch_size,
+                         forward_only=True)
+    model.train(was_training)
+    for m, load in saved_load:
+        m.expert_load.copy_(load)
+    return stats

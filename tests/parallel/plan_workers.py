@@ -1,7 +1,9 @@
 """Spawned-rank code for test_plan.py: the bytes each rank really allocates for parameters,
-gradient buffers and optimizer state, next to `pesc plan`'s formulas for that rank."""
+gradient buffers and optimizer state, and its frozen weights once in FP8, next to
+`pesc plan`'s formulas for that rank."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -29,10 +31,11 @@ def _measure(layout: dict, lora: bool, tied: bool, distributed: bool) -> dict:
 
     from pesc_megatron.config import LoRAConfig, ModelConfig, ParallelConfig, PESCConfig
     from pesc_megatron.model.builder import build_model
+    from pesc_megatron.model.fp8 import convert_frozen_weights, frozen_weight_bytes
     from pesc_megatron.plan import (Job, Layout, frozen_bytes, gradient_bytes, optimizer_bytes,
                                     trainable_bytes, trainable_counts)
     from pesc_megatron.runtime.distributed import initialize
-    from pesc_megatron.train.step import forward_backward, wrap_ddp
+    from pesc_megatron.train.step import forward_backward, forward_only, wrap_ddp
 
     par = ParallelConfig(**layout)
     initialize(par, seed=7)
@@ -59,13 +62,21 @@ def _measure(layout: dict, lora: bool, tied: bool, distributed: bool) -> dict:
         gradients=sum(b.grad_data.nbytes for b in buffers),
         optimizer=sum(t.nbytes for t in state))
 
+    # The default FP8 frozen base (per-row scales, output layer with 32 columns kept).
+    convert_frozen_weights(model, "dequantize", output_layer=True, outliers=32,
+                           calibrate=lambda: forward_only(ddp, [batch], SEQ, 1))
+    measured["frozen_fp8"] = frozen_weight_bytes(model)["bytes"]
+
     job = Job(model_cfg, PESCConfig(**PESC), lora_cfg, dtype="fp32",
               distributed_optimizer=distributed)
     lay = Layout(par.tp, par.pp, par.ep, par.etp, dist.get_world_size())
     counts = trainable_counts(job, lay)
-    predicted = dict(frozen=frozen_bytes(job, lay, ps.get_pipeline_model_parallel_rank()),
+    stage = ps.get_pipeline_model_parallel_rank()
+    predicted = dict(frozen=frozen_bytes(job, lay, stage),
                      trainable=trainable_bytes(job, counts), gradients=gradient_bytes(counts),
-                     optimizer=optimizer_bytes(job, lay, counts))
+                     optimizer=optimizer_bytes(job, lay, counts),
+                     frozen_fp8=frozen_bytes(dataclasses.replace(job, fp8_base=True), lay,
+                                             stage))
     return dict(measured=measured, predicted=predicted)
 
 

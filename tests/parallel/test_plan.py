@@ -1,6 +1,7 @@
 """`pesc plan`'s bookkeeping against what megatron-core allocates on 4 gloo ranks: for each
-rank, the bytes of frozen and trainable parameters, of DDP's gradient buffers and of the
-optimizer state must equal the planner's formulas exactly."""
+rank, the bytes of frozen and trainable parameters, of DDP's gradient buffers, of the
+optimizer state and of the frozen base converted to FP8 must equal the planner's formulas
+exactly."""
 import pytest
 import torch
 

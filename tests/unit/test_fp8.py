@@ -259,3 +259,37 @@ def test_cli_train_precision_errors_exit_2(tmp_path, capsys, single_rank):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("pesc train: error: ") and message in err[-1], err
     assert not (tmp_path / "out").exists()
+
+
+def test_output_layer_outlier_columns(single_rank):
+    from tests.fp8_check import check_output_outliers
+
+    check_output_outliers()
+
+
+def test_calibration_finds_the_massive_dimension(single_rank):
+    """Through the whole tiny model: one forward over pseudo-random tokens finds the hidden
+    dimension the final norm makes massive, and keeping it brings the FP8 logits back towards
+    the fp32 model's."""
+    from pesc_megatron.model.fp8 import calibration_batch, convert_frozen_weights
+    from pesc_megatron.train.step import forward_only
+
+    batch = calibration_batch(256, 32)
+
+    def logits(model):
+        with torch.no_grad():
+            model.eval()
+            return model(batch["tokens"], batch["position_ids"], None)
+
+    errors = {}
+    for outliers in (0, 4):
+        model = tiny_model(hidden=128)
+        with torch.no_grad():
+            model.decoder.final_layernorm.weight[77] = 40.0
+        want = logits(model)
+        convert_frozen_weights(model, "dequantize", output_layer=True, outliers=outliers,
+                               calibrate=lambda: forward_only(model, [batch], 32, 1))
+        errors[outliers] = (logits(model) - want).abs().max().item()
+        if outliers:
+            assert 77 in model.output_layer.fp8_outliers.index.tolist()
+    assert errors[4] < 0.5 * errors[0], errors
