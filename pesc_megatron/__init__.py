@@ -1,20 +1,21 @@
-"""PESC on megatron-core. Importing the package registers the Camelidae model classes with
-transformers' Auto classes, so exported models load without trust_remote_code."""
+"""PESC on megatron-core. `pesc_megatron.register_auto_classes()` registers the Camelidae model
+classes with transformers' Auto classes, so exported models load without trust_remote_code.
+Importing the package does not import transformers: every rank of every command would pay
+for it (about 2 s of CPU each), and only conversion and export need it."""
 __version__ = "0.1.0"
 
 import logging
 
-# transformers imports torchao (our FP8 base) when it is installed; on CPU builds torchao logs
-# that its CUDA-only kernels do not load, and torch that torchao registers enums the old way.
-# Both are expected and would otherwise open every command's output.
+# torchao (our FP8 base) logs on CPU builds that its CUDA-only kernels do not load, and torch
+# that torchao registers enums the old way. Both are expected and would otherwise open every
+# command's output.
 for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-try:
-    import transformers  # noqa: F401
-except ModuleNotFoundError:  # conversion and export need transformers; the rest does not
-    pass
-else:
-    from pesc_megatron.convert.hf_modeling import register_auto_classes
 
-    register_auto_classes()
+def register_auto_classes() -> None:
+    """AutoConfig / AutoModelForCausalLM resolve `model_type: camelidae` to this package's
+    classes (idempotent; needs transformers)."""
+    from pesc_megatron.convert.hf_modeling import register_auto_classes as register
+
+    register()

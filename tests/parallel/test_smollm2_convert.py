@@ -1,6 +1,6 @@
 """The real model: SmolLM2-135M-Instruct (9 heads, 3 kv heads, tied embeddings) converted and
-run at TP=1, TP=3 and EP=2 gives transformers' logits; a checkpoint saved at TP=1/EP=2 loads
-at TP=3/EP=1 with the same logits."""
+run at TP=1 and TP=3 gives transformers' logits; with non-zero adapters, a checkpoint saved
+at EP=2 loads at TP=3 with the same logits as at EP=2 (so EP=2 computes what TP=3 does)."""
 
 import pytest
 import torch
@@ -40,8 +40,7 @@ def close(got, want, rel):
     assert err <= rel, f"max relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("world,layout", [(1, {}), (3, dict(tp=3)), (2, dict(ep=2))],
-                         ids=["tp1", "tp3", "ep2"])
+@pytest.mark.parametrize("world,layout", [(1, {}), (3, dict(tp=3))], ids=["tp1", "tp3"])
 def test_smollm2_logits_match_transformers(smollm2, world, layout):
     root, ref = smollm2
     out = root / f"logits_{world}_{sorted(layout.items())}.pt"
