@@ -1,7 +1,7 @@
 """PESC on megatron-core. `pesc_megatron.register_auto_classes()` registers the Camelidae model
 classes with transformers' Auto classes, so exported models load without trust_remote_code.
 Importing the package does not import transformers: every rank of every command would pay
-for it (about 2 s of CPU each), and only conversion and export need it."""
+for it (1-2 s of CPU each), and only conversion and export need it."""
 __version__ = "0.1.0"
 
 import logging
