@@ -138,6 +138,8 @@ def test_trainable_gradients_flow_with_lora(single_rank, matmul):
     (dict(fp8="delayed", frozen_weights="fp8"), "bf16", r"precision.fp8='delayed': .*exclude"),
     (dict(fp8="delayed", fp8_margin=-1), "bf16", r"precision.fp8_margin=-1: must be >= 0"),
     (dict(fp8="delayed", fp8_amax_history_len=0), "bf16", r"fp8_amax_history_len=0"),
+    (dict(frozen_weights="fp8", fp8_output_outliers=-1), "bf16",
+     r"precision.fp8_output_outliers=-1: must be >= 0"),
 ])
 def test_precision_errors(settings, dtype, message):
     with pytest.raises(ConfigError, match=message) as e:
