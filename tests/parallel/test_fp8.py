@@ -1,6 +1,7 @@
 """The FP8 frozen base under tensor parallelism (gloo): each rank's shard of the FP8 linears'
 forward and input gradient is within e4m3's rounding of the float64 product; and `pesc train`
-/ `pesc eval` with `precision.frozen_weights=fp8` at TP=2 end to end."""
+/ `pesc eval` with `precision.frozen_weights=fp8` at TP=2 end to end, and `pesc eval` at PP=2
+against one rank."""
 import json
 
 import pytest
@@ -30,3 +31,8 @@ def test_train_and_eval_on_an_fp8_base_tp2(tmp_path, single_rank):
     # `pesc eval` of the run on an FP8 base at the run's layout is its final validation.
     fp8 = evaluate(2, out, valid, "--tp", "2", "--frozen-weights", "fp8")
     assert fp8["loss"] == pytest.approx(rows[1]["valid_loss"], rel=1e-5)
+    # At PP=2 the calibration pass runs through the pipeline schedule and must pick the same
+    # 8 of the 32 output-layer columns as one rank does (no weight is split: same rounding).
+    flags = ("--frozen-weights", "fp8", "--fp8-output-outliers", "8")
+    one, pp2 = evaluate(1, out, valid, *flags), evaluate(2, out, valid, "--pp", "2", *flags)
+    assert pp2["loss"] == pytest.approx(one["loss"], rel=1e-6)
