@@ -250,6 +250,9 @@ def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
             {"model": trainable_sharded_state_dict(model, with_lora=trained_lora)},
             str(info.trained / WEIGHTS))
         model.load_state_dict(state["model"], strict=False)
+    # The sharded state dicts reference every weight: drop them so that the FP8 conversion
+    # frees each high-precision weight as it replaces it.
+    del base_state, state
     if precision is not None and precision.frozen_weights == "fp8":
         convert_to_fp8(model, info, parallel, precision)
     return model, info
