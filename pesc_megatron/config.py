@@ -464,6 +464,9 @@ def validate_job(job: JobConfig) -> None:
                           "precision.frozen_weights=fp8")
     if job.data.seq_length < 2:
         bad("data.seq_length", "must be >= 2")
+    if job.parallel.sequence_parallel and job.data.seq_length % job.parallel.tp:
+        bad("data.seq_length", f"is not divisible by parallel.tp={job.parallel.tp} (sequence "
+            "parallelism splits every sequence over the TP ranks)")
     if job.data.on_error not in ("raise", "skip"):
         bad("data.on_error", "must be raise or skip")
     if job.data.overlong not in ("truncate", "drop"):

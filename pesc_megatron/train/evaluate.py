@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     from pesc_megatron.train.loop import say
 
     par = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
+    if par.sequence_parallel and args.seq_length % par.tp:
+        ap.error(f"--seq-length {args.seq_length} is not divisible by --tp {par.tp} (sequence "
+                 "parallelism splits every sequence over the TP ranks)")
     if args.frozen_weights not in (None, "fp8", args.dtype):
         ap.error(f"--frozen-weights {args.frozen_weights}: the base computes in --dtype "
                  f"{args.dtype}; use {args.dtype} or fp8")

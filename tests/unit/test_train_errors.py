@@ -43,6 +43,8 @@ def test_overrides_and_yaml_types(setup):
     (["train.global_batch_size=7"], r"train.global_batch_size=7: is not divisible by "
                                     r"train.micro_batch_size=2"),
     (["model.checkpoint=''"], r"job.yaml: model.checkpoint: required"),
+    (["parallel.tp=3", "data.seq_length=64"], r"data.seq_length=64: is not divisible by "
+                                              r"parallel.tp=3 \(sequence parallelism"),
 ])
 def test_config_errors(setup, overrides, message):
     with pytest.raises(ConfigError, match=message) as e:
@@ -73,6 +75,10 @@ def test_cli_errors_before_any_work(setup, capsys, monkeypatch, tmp_path):
     (tmp_path / "bad.yaml").write_text("train: {iters: 3\n")
     rc, line = run_cli(capsys, tmp_path / "bad.yaml")
     assert rc == 2 and "bad.yaml" in line and "invalid YAML" in line
+    with pytest.raises(SystemExit) as e:  # pesc eval: argparse's exit
+        main(["eval", "--ckpt", str(not_ckpt), "--data", "x.jsonl", "--tp", "3"])
+    assert e.value.code == 2 and ("--seq-length 1024 is not divisible by --tp 3"
+                                  in capsys.readouterr().err)
 
 
 def test_data_errors_stop_the_run(setup):
