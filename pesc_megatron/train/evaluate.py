@@ -84,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp8-matmul", choices=FP8_MATMULS, default="auto",
                     help="with --frozen-weights fp8: scaled_mm (FP8 products, default on "
                          "GPUs with FP8) or dequantize (high-precision products)")
-    ap.add_argument("--fp8-output-layer", action=argparse.BooleanOptionalAction, default=True,
+    defaults = PrecisionConfig()
+    ap.add_argument("--fp8-output-layer", action=argparse.BooleanOptionalAction,
+                    default=defaults.fp8_output_layer,
                     help="with --frozen-weights fp8: the output layer (or tied embedding) too "
                          "(default: yes)")
-    ap.add_argument("--fp8-output-outliers", type=int, default=32,
+    ap.add_argument("--fp8-output-outliers", type=int, default=defaults.fp8_output_outliers,
                     help="with --fp8-output-layer: hidden columns of the output layer kept in "
-                         "high precision (default 32)")
+                         "high precision (default %(default)s)")
     ap.add_argument("--tokenizer", help="default: the checkpoint's tokenizer/ folder")
     ap.add_argument("--cache-dir", help="token cache (default: none, tokenise in memory)")
     for key in ("tp", "pp", "ep", "etp"):
