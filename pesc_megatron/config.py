@@ -223,6 +223,8 @@ def validate_layout(m: ModelConfig, p: PESCConfig, par: ParallelConfig,
 # --------------------------------------------------------------------------------------------
 SCHEDULES = ("constant_with_warmup", "cosine", "linear")
 RECOMPUTE = ("none", "selective", "full")
+ATTENTIONS = ("auto", "sdpa", "local", "te")  # model/attention.py
+EXPERT_IMPLS = ("grouped", "sequential")  # model/pesc_layer.py
 # PESC settings a training run may change; the rest are fixed by the checkpoint's weights.
 TRAIN_TIME_PESC = ("adapter_dropout", "aux_loss_coeff", "z_loss_coeff", "capacity_factor",
                    "dispatcher")
@@ -233,6 +235,12 @@ class TrainModelConfig:
     checkpoint: str = ""  # a PESC checkpoint from `pesc convert hf-to-pesc` (the frozen base)
     dtype: str = "fp32"  # fp32, or bf16 (GPU); the frozen base and activations
     recompute: str = "none"  # none | selective (core attention) | full (every layer)
+    # core attention: auto (te with Transformer Engine on a GPU, else sdpa) | sdpa (torch's
+    # fused kernels) | local (megatron-core's unfused reference) | te (model/attention.py)
+    attention: str = "auto"
+    # adapter experts: grouped (two grouped GEMMs, torch._grouped_mm; megatron-core's loop
+    # where that kernel cannot run) | sequential (megatron-core's SequentialMLP loop)
+    experts: str = "grouped"
 
 
 @dataclass
@@ -446,6 +454,10 @@ def validate_job(job: JobConfig) -> None:
         bad("model.dtype", "must be fp32 or bf16")
     if job.model.recompute not in RECOMPUTE:
         bad("model.recompute", f"must be one of {', '.join(RECOMPUTE)}")
+    if job.model.attention not in ATTENTIONS:
+        bad("model.attention", f"must be one of {', '.join(ATTENTIONS)}")
+    if job.model.experts not in EXPERT_IMPLS:
+        bad("model.experts", f"must be one of {', '.join(EXPERT_IMPLS)}")
     if not job.data.train:
         raise ConfigError("data.train: required (a list of JSONL/JSON files)")
     for key in ("train", "valid"):

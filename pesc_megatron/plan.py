@@ -78,6 +78,8 @@ class Job:
     fp8_base: bool = False
     distributed_optimizer: bool = True
     recompute: str = "none"
+    attention: str = "sdpa"  # sdpa (fused: no s^2 term) or local (megatron-core's unfused)
+    experts: str = "grouped"  # grouped (stacked weights kept for backward) or sequential
 
 
 # ------------------------------------------------------------------------------------------
@@ -163,14 +165,18 @@ def routing_bytes(p: PESCConfig) -> int:
     return 9 * p.num_experts + 24 * p.topk
 
 
-def _qkv_elements(m: ModelConfig, recompute: str) -> int:
-    """Per token, what attention keeps of q, k, v (before the TP split). Without recompute:
-    q and k after RoPE; with GQA the k and v repeated to every query head, without it v is a
-    view that keeps the whole fused qkv output alive. Selective recompute keeps the core
-    attention's inputs: q and k after RoPE and v, still a view of the fused output."""
+def _qkv_elements(m: ModelConfig, recompute: str, attention: str = "local") -> int:
+    """Per token, what attention keeps of q, k, v (before the TP split). The local attention
+    without recompute: q and k after RoPE; with GQA the k and v repeated to every query head,
+    without it v is a view that keeps the whole fused qkv output alive. Selective recompute
+    keeps the core attention's inputs: q and k after RoPE and v, still a view of the fused
+    output. The fused attention keeps those inputs (no repeat) and its output."""
     q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+    inputs = q + kv + (q + 2 * kv)
+    if attention != "local":
+        return inputs + (q if recompute == "none" else 0)
     if recompute == "selective" or q == kv:
-        return q + kv + (q + 2 * kv)
+        return inputs
     return 3 * q
 
 
@@ -195,10 +201,12 @@ def layer_activations(job: Job, lay: Layout, core_attention: bool = True,
     # the router's input and routing bookkeeping.
     total = ((1 + post_attention) * h * a + h * a + routing_bytes(p)) * local
     if core_attention:
-        total += _qkv_elements(m, job.recompute) // lay.tp * a * t
+        total += _qkv_elements(m, job.recompute, job.attention) // lay.tp * a * t
         total += 4 * s * m.head_dim * a  # RoPE cos and sin for q and k
-        if job.recompute == "none":
+        if job.recompute == "none" and job.attention == "local":
             total += heads * s * softmax_bytes(job.dtype) * t
+        elif job.recompute == "none":  # the fused kernel's fp32 logsumexp per head
+            total += heads * 4 * t
     if ffn:  # SwiGLU: fc1 output (gate, up), silu(gate), the product read by fc2
         total += 4 * f // lay.tp * a * t
     # Adapters, on the k tokens-per-token routed here (balanced routing; ETP gathers its group's
@@ -206,6 +214,8 @@ def layer_activations(job: Job, lay: Layout, core_attention: bool = True,
     mask = 1 if p.adapter_dropout > 0 and ffn else 0
     rows = p.topk * local * lay.etp
     total += rows * (h * (a + mask) + 3 * p.adapter_dim // lay.etp * a)
+    if job.experts == "grouped":  # the local experts' weights, stacked for the grouped GEMMs
+        total += 2 * p.num_experts // lay.ep * p.adapter_dim // lay.etp * h * a
     if lora.enabled:
         total += _lora_activations(job, lay)
     return total
@@ -246,8 +256,9 @@ def _first_layer_activations(job: Job, lay: Layout) -> float:
 
 
 def stage_activations(job: Job, lay: Layout, stage: int) -> dict[str, float]:
-    """`saved`: every in-flight micro-batch's layers (1F1B keeps pp - stage on a stage) and
-    its attention mask; `buffer`: megatron-core's preallocated attention-score buffer;
+    """`saved`: every in-flight micro-batch's layers (1F1B keeps pp - stage on a stage) and,
+    with the local attention, its attention mask; `buffer`: the local attention's
+    preallocated score buffer (megatron-core's);
     `transient`: the largest short-lived allocation (one layer's attention backward, with the
     layer being recomputed, or the loss on the last stage)."""
     m, a = job.model, DTYPE_BYTES[job.dtype]
@@ -260,10 +271,14 @@ def stage_activations(job: Job, lay: Layout, stage: int) -> dict[str, float]:
         per_microbatch = layers * layer_activations(job, lay)
         if stage == 0:
             per_microbatch += _first_layer_activations(job, lay) - layer_activations(job, lay)
-    per_microbatch += job.micro_batch * s * s  # the bool mask of packed sequences
-    transient = 8 * scores  # softmax backward: gradients of its output and input, fp32
-    if job.recompute == "selective":  # + the recomputed probabilities
-        transient += scores * softmax_bytes(job.dtype)
+    transient = 0.0
+    if job.attention == "local":  # the unfused path's [s, s] terms; the fused one has none
+        per_microbatch += job.micro_batch * s * s  # the bool mask of packed sequences
+        transient = 8 * scores  # softmax backward: gradients of its output and input, fp32
+        if job.recompute == "selective":  # + the recomputed probabilities
+            transient += scores * softmax_bytes(job.dtype)
+    else:
+        scores = 0  # no score buffer either
     if job.recompute == "full":  # + the whole recomputed layer
         transient += layer_activations(dataclasses.replace(job, recompute="none"), lay)
     if stage == lay.pp - 1:  # the logits and the loss's fp32 softmax over the vocabulary
@@ -387,6 +402,9 @@ def _parse(argv):
                     default=True, help="shard optimizer state over data parallel (default on)")
     ap.add_argument("--recompute", choices=RECOMPUTE_LEVELS,
                     help="default: searched with the layout, none before selective before full")
+    ap.add_argument("--attention", choices=("sdpa", "local"), default="sdpa",
+                    help="model.attention: sdpa (fused; also te's terms) or local (unfused, "
+                    "[s, s] scores and mask)")
     return ap.parse_args(argv)
 
 
@@ -411,7 +429,7 @@ def _job(args) -> Job:
         raise ConfigError(f"--gpu-memory={args.gpu_memory}: must be > 0")
     return Job(model, pesc, lora, seq=args.seq, micro_batch=args.micro_batch, dtype=args.dtype,
                fp8_base=args.fp8_base, distributed_optimizer=args.distributed_optimizer,
-               recompute=args.recompute or "none")
+               recompute=args.recompute or "none", attention=args.attention)
 
 
 def _table(job: Job, lay: Layout, recompute: str, memory: dict, gpu_bytes: float) -> list:

@@ -8,6 +8,13 @@
                    (weights from `upcycling_utils`), top-k, everything trains
     reference      the original release's design: a Hugging Face Llama whose MLP output feeds
                    adapter experts run one at a time over boolean-mask-selected tokens
+    train          `pesc train` itself (torchrun, 1 rank) on --base and --data: megatron-core's
+                   DDP, optimizer, schedule and clipping, packed real records, the data path
+                   and the metrics; its step times are the ones metrics.jsonl reports
+
+The PESC variants (pesc, pesc_lora, train) run once per `--attentions` entry (model.attention:
+sdpa, torch's fused kernels; local, megatron-core's unfused attention); the dense and
+upcycled baselines use the first entry.
 
 Each variant runs in a child process of this command (one process tree, one invocation), one
 after the other, so that each one's peak resident memory is its own: warmup steps, then timed
@@ -32,7 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("dense_full", "dense_frozen", "pesc", "pesc_lora", "upcycle", "reference")
+VARIANTS = ("dense_full", "dense_frozen", "pesc", "pesc_lora", "upcycle", "reference", "train")
+WITH_ATTENTION = ("pesc", "pesc_lora", "train")
 ALL_LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -49,7 +57,11 @@ def _parse(argv):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "train"))
+    p.add_argument("--attentions", default="sdpa", help="model.attention values for the PESC "
+                   "variants, e.g. sdpa,local")
+    p.add_argument("--base", help="train: a PESC checkpoint (`pesc convert hf-to-pesc`)")
+    p.add_argument("--data", help="train: instruction records (JSON/JSONL), packed")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the whole list this many times (A B C A B C ...); a variant's "
                    "step time is the median over all its timed steps")
@@ -97,11 +109,22 @@ def _gpt(model, config, spec):
                     position_embedding_type="rope", rotary_base=model.rope_theta)
 
 
-def _dense_gpt(model):
+def _local_spec(attention: str, **kwargs):
+    """megatron-core's local layer spec with the PESC variants' core attention (the baselines
+    use the same attention as PESC, so that the rows differ in the MLP only)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return _gpt(model, _moe_config(model, 0, 2),
-                get_gpt_layer_local_spec(normalization="RMSNorm"))
+    from pesc_megatron.model.attention import resolve_attention
+    from pesc_megatron.model.spec import core_attention
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **kwargs)
+    spec.submodules.self_attention.submodules.core_attention = core_attention(
+        resolve_attention(attention))
+    return spec
+
+
+def _dense_gpt(model, attention: str = "auto"):
+    return _gpt(model, _moe_config(model, 0, 2), _local_spec(attention))
 
 
 def _build(spec: dict):
@@ -115,14 +138,15 @@ def _build(spec: dict):
         lora = LoRAConfig(targets=ALL_LORA, rank=spec["lora_rank"]) if kind == "pesc_lora" \
             else None
         model = build_model(model_cfg, PESCConfig(num_experts=e, topk=k, adapter_dim=r),
-                            ParallelConfig(), lora=lora)
+                            ParallelConfig(), lora=lora, attention=attention)
         with torch.no_grad():  # trained adapters are not zero (same cost, honest routing)
             for name, p in model.named_parameters():
                 if ".experts." in name and "linear_fc2" in name:
                     p.normal_(0, 0.02)
         return model, _megatron_forward(model)
+    attention = spec.get("attention") or "auto"
     if kind in ("dense_full", "dense_frozen"):
-        model = _dense_gpt(model_cfg)
+        model = _dense_gpt(model_cfg, attention)
         trainable = kind == "dense_full"
         for p in model.parameters():
             p.requires_grad_(trainable)
@@ -130,13 +154,11 @@ def _build(spec: dict):
             model.embedding.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
         return model, _megatron_forward(model)
     if kind == "upcycle":
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
         from megatron.core.transformer.moe.upcycling_utils import upcycle_state_dict
 
-        dense = _dense_gpt(model_cfg)
+        dense = _dense_gpt(model_cfg, attention)
         model = _gpt(model_cfg, _moe_config(model_cfg, e, k),
-                     get_gpt_layer_local_spec(num_experts=e, moe_grouped_gemm=False,
-                                              normalization="RMSNorm"))
+                     _local_spec(attention, num_experts=e, moe_grouped_gemm=False))
         model.load_state_dict(upcycle_state_dict([model], [dense])["model"], strict=False)
         del dense
         return model, _megatron_forward(model)
@@ -216,9 +238,61 @@ class ReferencePESC(torch.nn.Module):
         return (f + self.scaling * out).reshape(shape)
 
 
+def measure_train(spec: dict) -> dict:
+    """Runs `pesc train` (torchrun, one rank) for warmup + steps steps of one packed sequence
+    batch of `batch` x `seq` on spec["data"]; its row from metrics.jsonl. The peak resident
+    memory is the largest of this process's descendants (torchrun's worker)."""
+    import resource
+    import tempfile
+
+    import yaml
+
+    from pesc_megatron.convert import checkpoint as pesc_checkpoint
+    from pesc_megatron.model.size import count_parameters
+
+    steps = spec["warmup"] + spec["steps"]
+    with tempfile.TemporaryDirectory() as tmp:
+        job = dict(
+            model=dict(checkpoint=spec["base"], dtype="fp32", attention=spec["attention"]),
+            data=dict(train=[spec["data"]], seq_length=spec["seq"], packing=True,
+                      cache_dir=f"{tmp}/cache"),
+            optim=dict(lr=1e-4, warmup_steps=0, clip_grad=0.3),
+            train=dict(micro_batch_size=spec["batch"], global_batch_size=spec["batch"],
+                       iters=steps, log_interval=1, seed=spec["seed"], out_dir=f"{tmp}/run",
+                       save_interval=0))
+        Path(tmp, "job.yaml").write_text(yaml.safe_dump(job))
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+               "--nproc-per-node", "1", "-m", "pesc_megatron.cli", "train", f"{tmp}/job.yaml",
+               "train.keep_last=1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pesc train failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+        rows = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text()
+                .splitlines() if "step_time_s" in line]
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    timed = rows[spec["warmup"]:]
+    times = [r["step_time_s"] for r in timed]
+    step_s = statistics.median(times)
+    info = pesc_checkpoint.read_info(spec["base"])
+    counts = count_parameters(info.model, info.pesc, info.lora)
+    return dict(variant="train", attention=spec["attention"], experts=info.pesc.num_experts,
+                topk=info.pesc.topk, adapter_dim=info.pesc.adapter_dim, lora_rank=None,
+                layers=info.model.num_hidden_layers, tokens_per_step=spec["batch"] * spec["seq"],
+                step_s=step_s, step_times_s=times,
+                # real (non-padding) tokens: what metrics.jsonl counts
+                tokens_per_s=statistics.median(r["tokens_per_s"] for r in timed),
+                total_params=counts["total"], trainable_params=counts["trainable"],
+                param_grad_optim_bytes=0, trainable_and_optim_bytes=16 * counts["trainable"],
+                checkpoint_bytes=12 * counts["trainable"], peak_rss_bytes=peak,
+                baseline_rss_bytes=0)
+
+
 def measure(spec: dict) -> dict:
     """Builds, warms up and times one variant in this process; returns its row."""
     import dataclasses
+
+    if spec["variant"] == "train":
+        return measure_train(spec)
 
     from pesc_megatron.config import ParallelConfig
     from pesc_megatron.model.size import PRESETS
@@ -266,6 +340,7 @@ def measure(spec: dict) -> dict:
     step_s = statistics.median(times)
     return dict(
         variant=spec["variant"], experts=spec["experts"], topk=spec["topk"],
+        attention=spec.get("attention") if spec["variant"] != "reference" else "sdpa",
         adapter_dim=spec["adapter_dim"] if spec["variant"] in ("pesc", "pesc_lora",
                                                                "reference") else None,
         lora_rank=spec["lora_rank"] if spec["variant"] == "pesc_lora" else None,
@@ -311,6 +386,18 @@ def _ratios(rows: list[dict]) -> dict:
         if mine:
             out[f"pesc_over_reference_tokens_per_s_r{ref['adapter_dim']}"] = (
                 mine["tokens_per_s"] / ref["tokens_per_s"])
+        for train in (r for r in rows if r["variant"] == "train"):
+            out[f"train_{train['attention']}_over_reference_tokens_per_s"] = (
+                train["tokens_per_s"] / ref["tokens_per_s"])
+            out[f"train_{train['attention']}_over_reference_peak_rss"] = (
+                train["peak_rss_bytes"] / ref["peak_rss_bytes"])
+    for variant in WITH_ATTENTION:  # the fused attention against the local one
+        fused, local = (next((r for r in rows if r["variant"] == variant
+                              and r.get("attention") == att), None) for att in ("sdpa", "local"))
+        if fused and local:
+            out[f"{variant}_local_over_sdpa_step_time"] = local["step_s"] / fused["step_s"]
+            out[f"{variant}_sdpa_over_local_peak_rss"] = (fused["peak_rss_bytes"]
+                                                          / local["peak_rss_bytes"])
     return out
 
 
@@ -328,13 +415,15 @@ def _gb(n: float) -> str:
 
 
 def markdown(rows: list[dict], base: dict) -> str:
-    head = ("| variant | adapter | step s | tokens/s | trainable | params+grads+optim GB | "
-            "trainable+grads+optim GB | peak RSS GB | checkpoint GB | step / pesc | "
-            "trainable+optim / pesc |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| variant | attention | adapter | step s | tokens/s | trainable | "
+            "params+grads+optim GB | trainable+grads+optim GB | peak RSS GB | checkpoint GB | "
+            f"step / {base['variant']} | trainable+optim / {base['variant']} |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['adapter_dim'] or ''} | {r['step_s']:.2f} | "
+            f"| {r['variant']} | {r.get('attention') or ''} | {r['adapter_dim'] or ''} | "
+            f"{r['step_s']:.2f} | "
             f"{r['tokens_per_s']:.0f} | {r['trainable_params']:,} | "
             f"{_gb(r['param_grad_optim_bytes'])} | {_gb(r['trainable_and_optim_bytes'])} | "
             f"{_gb(r['peak_rss_bytes'])} | {_gb(r['checkpoint_bytes'])} | "
@@ -403,21 +492,31 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(model=a.model, layers=a.layers, experts=a.experts, topk=a.topk,
                 adapter_dim=dims[0], lora_rank=a.lora_rank, batch=a.batch, seq=a.seq,
                 steps=a.steps, warmup=a.warmup, seed=a.seed)
+    attentions = a.attentions.split(",")
+    bad = [x for x in attentions if x not in ("sdpa", "local")]
+    if bad:
+        raise ConfigError(f"--attentions: {bad[0]!r} is not sdpa or local")
+    if "train" in variants and not (a.base and a.data):
+        raise ConfigError("--variants train: needs --base (a PESC checkpoint) and --data")
+    base.update(base=a.base, data=a.data)
     specs = []
     for v in variants:
         for d in (dims if v in ("pesc", "reference") else dims[:1]):
-            specs.append(dict(base, variant=v, adapter_dim=d))
+            # The baselines run with the first attention (the reference: transformers' SDPA).
+            for att in (attentions if v in WITH_ATTENTION else attentions[:1]):
+                specs.append(dict(base, variant=v, adapter_dim=d, attention=att))
     runs = [[] for _ in specs]
     for _ in range(a.rounds):  # interleaved, so that a slow spell of the machine hits all
         for spec, done in zip(specs, runs):
             row = _run_child(spec)
             done.append(row)
-            print(f"{row['variant']:<13}adapter {str(row['adapter_dim'] or '-'):>4}  "
+            print(f"{row['variant']:<13}{row.get('attention') or '':<6}adapter "
+                  f"{str(row['adapter_dim'] or '-'):>4}  "
                   f"{row['step_s']:7.2f} s/step  {row['tokens_per_s']:7.0f} tok/s  "
                   f"trainable {row['trainable_params']:>13,}  peak "
                   f"{_gb(row['peak_rss_bytes'])} GB", flush=True)
     rows = [_merge_rounds(done) for done in runs]
-    ref = next((r for r in rows if r["variant"] == "pesc"), rows[0])
+    ref = next((r for r in rows if r["variant"] in ("pesc", "train")), rows[0])
     table = markdown(rows, ref)
 
     scaling = []

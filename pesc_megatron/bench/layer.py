@@ -1,8 +1,9 @@
 """`pesc bench layer`: forward+backward time of one PESC MoE layer vs. its frozen dense FFN.
 
-Both variants run in one process on the same layer: "pesc" is the whole PESCMoELayer (router,
-dispatcher, adapter experts, combine), "dense" is that layer's own `shared_experts` SwiGLU FFN
-called alone. As in a PESC fine-tune, only the router and the adapters require grad, and the
+All variants run in one process on the same layer: "pesc" is the whole PESCMoELayer (router,
+dispatcher, adapter experts as grouped GEMMs, combine), "pesc_sequential" the same layer with
+megatron-core's per-expert loop (`--expert-impls`), "dense" is that layer's own
+`shared_experts` SwiGLU FFN called alone. As in a PESC fine-tune, only the router and the adapters require grad, and the
 input requires grad (as inside a layer stack), so the dense backward computes the input
 gradient only. After a warmup the two are timed interleaved (A B A B ...) and the medians
 compared. A short table is printed, then one JSON object as the last stdout line.
@@ -34,6 +35,8 @@ def _parse(argv):
     p.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
     p.add_argument("--adapter-dropout", type=float, default=0.1,
                    help="applied in train mode, as in a real run (default 0.1)")
+    p.add_argument("--expert-impls", default="grouped,sequential",
+                   help="adapter expert implementations to time (grouped, sequential)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=1234)
     return p.parse_args(argv)
@@ -106,8 +109,16 @@ def main(argv: list[str] | None = None) -> int:
                 p.grad = None
             forward().backward(grad_out)  # the aux loss joins the backward via its autoscaler
 
-        variants = {"pesc": lambda: step(lambda: layer(x)[0]),
-                    "dense": lambda: step(lambda: layer.shared_experts(x))}
+        def pesc(grouped: bool):
+            layer.experts.grouped = grouped
+            return layer(x)[0]
+
+        impls = a.expert_impls.split(",")
+        variants = {"dense": lambda: step(lambda: layer.shared_experts(x))}
+        if "grouped" in impls:
+            variants["pesc"] = lambda: step(lambda: pesc(True))
+        if "sequential" in impls:
+            variants["pesc_sequential"] = lambda: step(lambda: pesc(False))
         for _ in range(a.warmup):
             for fn in variants.values():
                 fn()
@@ -124,32 +135,36 @@ def main(argv: list[str] | None = None) -> int:
 
     flops = _flops(a)
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    main_variant = "pesc" if "pesc" in med else "pesc_sequential"
     result = {
         "bench": "layer",
         "config": {**vars(a), "train_mode": True,
                    "aux_loss_coeff": layer.config.moe_aux_loss_coeff},
-        "pesc_median_s": med["pesc"], "dense_median_s": med["dense"],
-        "ratio": med["pesc"] / med["dense"],
+        "pesc_median_s": med[main_variant], "dense_median_s": med["dense"],
+        "ratio": med[main_variant] / med["dense"],
+        "ratio_sequential": med["pesc_sequential"] / med["dense"]
+        if "pesc_sequential" in med else None,
         # Less sensitive to other processes on the machine, which stall the many small
         # multi-threaded ops of the PESC path far more than the few large dense GEMMs.
-        "ratio_of_mins": min(times["pesc"]) / min(times["dense"]),
+        "ratio_of_mins": min(times[main_variant]) / min(times["dense"]),
         # Median CPU-time ratio: with --threads 1 it does not count time spent descheduled.
-        "ratio_cpu_time": statistics.median(cpu_times["pesc"])
+        "ratio_cpu_time": statistics.median(cpu_times[main_variant])
         / statistics.median(cpu_times["dense"]),
         "expected_arithmetic_ratio": flops["pesc"] / flops["dense"],
         "pesc_gflop": flops["pesc"] / 1e9, "dense_gflop": flops["dense"] / 1e9,
-        "pesc_gflops_per_s": flops["pesc"] / med["pesc"] / 1e9,
+        "pesc_gflops_per_s": flops["pesc"] / med[main_variant] / 1e9,
         "dense_gflops_per_s": flops["dense"] / med["dense"] / 1e9,
-        "pesc_times_s": times["pesc"], "dense_times_s": times["dense"],
+        "times_s": times,
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "loadavg_1m_before": load_before,
         "torch": torch.__version__, "megatron_core": megatron.core.__version__,
     }
-    print(f"{'variant':<8}{'median ms':>11}{'min ms':>9}{'GFLOP':>8}{'GFLOP/s':>9}")
-    for name in ("dense", "pesc"):
-        print(f"{name:<8}{med[name] * 1e3:>11.1f}{min(times[name]) * 1e3:>9.1f}"
-              f"{flops[name] / 1e9:>8.1f}{result[name + '_gflops_per_s']:>9.1f}")
-    print(f"ratio pesc/dense {result['ratio']:.3f} (of mins {result['ratio_of_mins']:.3f}, "
+    print(f"{'variant':<16}{'median ms':>11}{'min ms':>9}{'GFLOP':>8}{'GFLOP/s':>9}")
+    for name in med:
+        work = flops["dense" if name == "dense" else "pesc"]
+        print(f"{name:<16}{med[name] * 1e3:>11.1f}{min(times[name]) * 1e3:>9.1f}"
+              f"{work / 1e9:>8.1f}{work / med[name] / 1e9:>9.1f}")
+    print(f"ratio {main_variant}/dense {result['ratio']:.3f} (of mins {result['ratio_of_mins']:.3f}, "
           f"cpu time {result['ratio_cpu_time']:.3f}, "
           f"arithmetic {result['expected_arithmetic_ratio']:.3f}); {a.tokens} tokens, {a.dtype}, "
           f"{a.dispatcher}, {result['torch_threads']} threads, load {load_before:.1f}")

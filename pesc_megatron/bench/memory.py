@@ -3,8 +3,8 @@ real training steps on CPU (fp32, gloo).
 
 Each case runs in fresh child processes, one per rank, as `pesc train` would: build_model,
 megatron-core DDP and optimizer (Adam, clipping), then several steps of megatron-core's
-schedule over micro-batches of random tokens with the explicit attention mask of packed
-sequences. Each rank reports its resident size after imports and initialize() (the planner's
+schedule over packed micro-batches of random tokens (the fused attention by default; cases
+named `-local` use megatron-core's unfused one with its mask). Each rank reports its resident size after imports and initialize() (the planner's
 CPU runtime term: interpreter, libraries, allocator) and its peak (VmHWM). The prediction is
 that baseline plus the planner's formulas for parameters, gradients, optimizer state and
 activations. A table is printed; the last stdout line is JSON.
@@ -51,6 +51,9 @@ MICRO_BATCHES = 2  # per step and rank: gradient accumulation, as in training
 CASES = {  # name: (job, layout)
     "smollm2-8x": (Job(SMOLLM2, PESC, LoRAConfig(), seq=256, micro_batch=2, dtype="fp32",
                        distributed_optimizer=False), Layout()),
+    "smollm2-8x-local": (Job(SMOLLM2, PESC, LoRAConfig(), seq=256, micro_batch=2,
+                             dtype="fp32", distributed_optimizer=False, attention="local"),
+                         Layout()),
     "smollm2-8x-lora": (Job(SMOLLM2, PESC, LORA, seq=256, micro_batch=2, dtype="fp32",
                             distributed_optimizer=False), Layout()),
     "small-8x-lora-tp2-ep2": (Job(SMALL, PESC, LORA, seq=512, micro_batch=2, dtype="fp32",
@@ -83,17 +86,21 @@ def _status(key: str) -> int:
 
 
 def _micro_batches(job: Job, count: int, seed: int) -> list[dict]:
+    """Random tokens as packed micro-batches (one sample a sequence), collated as the data
+    pipeline collates them."""
     import torch
+
+    from pesc_megatron.data import collate
 
     g = torch.Generator().manual_seed(seed)
     b, s = job.micro_batch, job.seq
-    causal = torch.ones(s, s, dtype=torch.bool).triu(1)  # True = masked, as packing builds it
     out = []
     for _ in range(count):
         tokens = torch.randint(0, job.model.vocab_size, (b, s + 1), generator=g)
-        out.append(dict(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
-                        loss_mask=torch.ones(b, s),
-                        attention_mask=causal.expand(b, 1, s, s).contiguous()))
+        out.append(collate([dict(tokens=tokens[i, :-1], labels=tokens[i, 1:],
+                                 loss_mask=torch.ones(s),
+                                 cu_seqlens=torch.tensor([0, s], dtype=torch.int32))
+                            for i in range(b)]))
     return out
 
 
@@ -117,7 +124,7 @@ def _run_rank(name: str, steps: int, threads: int) -> dict:
     gc.collect()
     baseline = _status("VmRSS")
     model = build_model(job.model, job.pesc, par, dtype=job.dtype, lora=job.lora,
-                        recompute=job.recompute)
+                        recompute=job.recompute, attention=job.attention, experts=job.experts)
     with torch.no_grad():  # trained adapters are not zero: routing and backward as in training
         for param in model.parameters():
             if param.requires_grad and not param.any():

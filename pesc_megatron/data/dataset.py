@@ -3,7 +3,7 @@
     ds = build_dataset(["a.jsonl", ("b.json", 0.5)], tok, seq_length=512, packing=True,
                        cache_dir="cache/", on_error="raise")
     ds[i]  # {"tokens", "labels", "loss_mask", "position_ids", "padding_mask": [s],
-    #         "attention_mask": [1,1,s,s]}
+    #         "cu_seqlens": [samples + 1] (packed only)}
 
 Files: JSONL (one record a line, blank lines ignored; errors name `file:line`) or one JSON array
 (a file whose first non-blank character is `[`; errors name `file: record i`, 0-based).
@@ -19,11 +19,12 @@ Mixing: a weight w (default 1) takes a file's kept samples w times over: int(w) 
 a seeded random subset of round(frac(w) * n) samples; all are then shuffled by `seed`.
 Sequences: each sample is shifted on its own (tokens = ids[:-1], labels = ids[1:]) and so fills
 n - 1 of the seq_length positions; no label ever crosses into another sample.
-- unpacked: one sample a sequence, padded (pad_id, loss_mask 0); attention_mask None (causal).
+- unpacked: one sample a sequence, padded (pad_id, loss_mask 0); causal attention.
 - packed: greedy first-fit of samples, in the mixed order, into sequences of seq_length
-  positions; position_ids restart at 0 per sample; attention_mask is block-diagonal causal,
-  True = masked (megatron-core's convention); the padding tail is a block of its own so that no
-  row is fully masked.
+  positions; position_ids restart at 0 per sample; `cu_seqlens` holds the sample boundaries
+  (0, n0 - 1, ..., s), each sample attending causally to itself only; the padding tail is a
+  sample of its own so that no position attends to nothing. No [s, s] mask is built: the
+  attention reads the boundaries (model/attention.py).
 Both carry `padding_mask` [s] (True = padding), which keeps pad positions out of the router's
 balancing loss and load statistics.
 Cache: per file, `{stem}-{key}.npz` under cache_dir, key = sha256 of (file bytes, tokenizer
@@ -219,33 +220,40 @@ class TokenDataset(torch.utils.data.Dataset):
         labels = np.full(s, self.pad_id, np.int64)
         loss_mask = np.zeros(s, np.float32)
         position_ids = np.arange(s)
-        segment = np.full(s, -1)
-        p = 0
+        bounds = [0]
         for k in self.bins[i]:
             f, start, n = self.samples[k]
+            p = bounds[-1]
             ids = self.files[f].ids[start:start + n]
             tokens[p:p + n - 1], labels[p:p + n - 1] = ids[:-1], ids[1:]
             loss_mask[p:p + n - 1] = self.files[f].mask[start + 1:start + n]
             position_ids[p:p + n - 1] = np.arange(n - 1)
-            segment[p:p + n - 1] = k
-            p += n - 1
+            bounds.append(p + n - 1)
+        p = bounds[-1]
         position_ids[p:] = np.arange(s - p)
-        attention_mask = None
-        if self.packing:
-            same = torch.from_numpy(segment[:, None] == segment[None, :])
-            allowed = same & torch.ones(s, s, dtype=torch.bool).tril()
-            attention_mask = (~allowed).view(1, 1, s, s)
-        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+        padding_mask = np.arange(s) >= p
+        item = {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
                 "loss_mask": torch.from_numpy(loss_mask),
-                "position_ids": torch.from_numpy(position_ids), "attention_mask": attention_mask,
-                "padding_mask": torch.from_numpy(segment == -1)}
+                "position_ids": torch.from_numpy(position_ids),
+                "padding_mask": torch.from_numpy(padding_mask)}
+        if self.packing:
+            if p < s:
+                bounds.append(s)  # the padding tail attends to itself only
+            item["cu_seqlens"] = torch.tensor(bounds, dtype=torch.int32)
+        return item
 
 
 def collate(batch: list[dict]) -> dict:
-    """Stacks ds[i] dicts into a micro batch; attention_mask stays None when unpacked."""
-    out = {k: torch.stack([b[k] for b in batch]) for k in batch[0] if k != "attention_mask"}
-    masks = [b["attention_mask"] for b in batch]
-    out["attention_mask"] = None if masks[0] is None else torch.cat(masks)
+    """Stacks ds[i] dicts into a micro batch ([b, s] tensors). Packed sequences also give
+    `cu_seqlens`: the sample boundaries of the b sequences laid end to end (int32, [n + 1]),
+    with `max_seqlen`, from which `train.step` builds megatron-core's THD PackedSeqParams."""
+    out = {k: torch.stack([b[k] for b in batch]) for k in batch[0] if k != "cu_seqlens"}
+    if "cu_seqlens" in batch[0]:
+        s = batch[0]["tokens"].shape[0]
+        cu = torch.cat([batch[0]["cu_seqlens"][:1]]
+                       + [b["cu_seqlens"][1:] + j * s for j, b in enumerate(batch)])
+        out["cu_seqlens"] = cu
+        out["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
     return out
 
 

@@ -15,6 +15,7 @@ from pesc_megatron.config import (
     validate_layout,
     validate_lora,
 )
+from pesc_megatron.model.attention import resolve_attention
 from pesc_megatron.model.pesc_layer import PESCTransformerConfig
 from pesc_megatron.model.spec import get_pesc_block_spec
 from pesc_megatron.runtime.distributed import device
@@ -36,13 +37,17 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
                        dtype: str = "fp32", initialize: bool = True,
                        recompute: str = "none",
                        lora: LoRAConfig | None = None,
-                       precision: PrecisionConfig | None = None) -> PESCTransformerConfig:
+                       precision: PrecisionConfig | None = None,
+                       attention: str = "auto",
+                       experts: str = "grouped") -> PESCTransformerConfig:
     """The single megatron-core config for the model (Llama-family defaults: no dropout).
     `initialize=False` skips the random init of the frozen base (it is about to be loaded);
     routers and adapters are always initialised (see pesc_layer). `recompute`: none, selective
     (core attention, megatron-core's default modules) or full (every layer's activations).
     `lora`: LoRA on the frozen base's projections (None: none). `precision`: its Transformer
-    Engine FP8 settings (`precision.frozen_weights` applies after loading, see model/fp8.py)."""
+    Engine FP8 settings (`precision.frozen_weights` applies after loading, see model/fp8.py).
+    `attention`: the core attention (model/attention.py: auto, sdpa, local, te); `experts`:
+    how the adapter experts compute (model/pesc_layer.py: grouped, sequential)."""
     validate_layout(model, pesc, parallel)
     lora = lora or LoRAConfig()
     validate_lora(lora, model)
@@ -96,6 +101,8 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
         pesc_lora_rank=lora.rank,
         pesc_lora_alpha=lora.alpha,
         pesc_lora_dropout=lora.dropout,
+        pesc_attention=resolve_attention(attention),
+        pesc_experts=experts,
     )
 
 
@@ -103,13 +110,14 @@ def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
                 dtype: str = "fp32", pre_process: bool | None = None,
                 post_process: bool | None = None, initialize: bool = True,
                 recompute: str = "none", lora: LoRAConfig | None = None,
-                precision: PrecisionConfig | None = None) -> GPTModel:
+                precision: PrecisionConfig | None = None, attention: str = "auto",
+                experts: str = "grouped") -> GPTModel:
     """One pipeline stage of the PESC GPTModel, frozen except routers, adapters and LoRA.
     With `precision.fp8` (Transformer Engine, GPU only) the base's linears are TE's.
 
     Needs `parallel_state` initialised with the same layout (see runtime.initialize)."""
     config = transformer_config(model, pesc, parallel, dtype, initialize, recompute, lora,
-                                precision)
+                                precision, attention, experts)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:

@@ -108,7 +108,7 @@ def calibration_batch(vocab_size: int, seq_length: int) -> dict:
                            generator=torch.Generator().manual_seed(0))
     return {"tokens": tokens, "labels": tokens.roll(-1, 1),
             "loss_mask": torch.zeros(1, seq_length),
-            "position_ids": torch.arange(seq_length).view(1, -1), "attention_mask": None,
+            "position_ids": torch.arange(seq_length).view(1, -1),
             "padding_mask": torch.zeros(1, seq_length, dtype=torch.bool)}
 
 

@@ -19,6 +19,12 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    save_to_aux_losses_tracker,
+    z_loss_func,
+)
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -32,6 +38,10 @@ class PESCTransformerConfig(TransformerConfig):
     pesc_adapter_scaling: float = 0.25
     pesc_adapter_dropout: float = 0.1
     pesc_adapter_activation: str = "gelu"
+    # Core attention: sdpa (torch's fused kernels) | local (megatron-core's unfused) | te
+    pesc_attention: str = "sdpa"
+    # Adapter experts: grouped (torch._grouped_mm) | sequential (megatron-core's loop)
+    pesc_experts: str = "grouped"
     # LoRA on the frozen base (model/lora.py); no targets: none.
     pesc_lora_targets: tuple = ()
     pesc_lora_rank: int = 64
@@ -68,14 +78,57 @@ def adapter_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(keep, x * (65536 / (65536 - threshold)), 0.0)
 
 
+class PESCRouter(TopKRouter):
+    """megatron-core's router with the z-loss a mean over the valid tokens of the whole
+    sequence. megatron-core divides the z-loss coefficient by the TP x CP size and each rank
+    takes the mean over its own valid tokens: with padding (`padding_mask`) under sequence
+    parallelism the ranks hold different numbers of valid tokens and that mean of means is not
+    the mean (found by the packed parity test at TP=2: router gradients 30% off)."""
+
+    def apply_z_loss(self, logits, padding_mask: Optional[torch.Tensor] = None):
+        group = self.tp_cp_group
+        if (padding_mask is None or group.size() == 1 or self.calculate_per_token_loss
+                or self.config.moe_z_loss_coeff is None or not self.training
+                or not torch.is_grad_enabled()):
+            return super().apply_z_loss(logits, padding_mask)
+        coeff = self.config.moe_z_loss_coeff
+        valid = (~padding_mask).sum().to(torch.float32)
+        total = valid.clone()
+        torch.distributed.all_reduce(total, group=group)
+        # z_loss_func is coeff * (local sum / valid): rescaled, coeff * local sum / total.
+        z_loss = z_loss_func(logits, coeff, padding_mask=padding_mask) * valid / total.clamp(
+            min=1)
+        logits = MoEAuxLossAutoScaler.apply(logits, z_loss)
+        save_to_aux_losses_tracker("z_loss", z_loss / coeff, self.layer_number,
+                                   self.config.num_layers, reduce_group=group)
+        return logits
+
+
+def grouped_mm_runs(x: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM runs for `x`: on CPU in fp32/bf16/fp16 (not fp64), on
+    CUDA in bf16 from Hopper on."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if not x.is_cuda:
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
 class PESCAdapterExperts(SequentialMLP):
-    """The local adapter experts; W_up is zero at init so a crafted model equals the dense one."""
+    """The local adapter experts; W_up is zero at init so a crafted model equals the dense one.
+
+    `config.pesc_experts`: "grouped" computes all local experts as two grouped GEMMs
+    (`torch._grouped_mm` over the tokens sorted by expert, the same weights stacked) instead
+    of megatron-core's loop of 2E small GEMMs ("sequential", SequentialMLP's own forward,
+    kept as the reference and used where the grouped kernel cannot run). Parameters, sharded
+    state dict and checkpoints are SequentialMLP's either way."""
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None, **kwargs):
         # **kwargs: arguments newer megatron-core releases add (0.19: `name`).
         super().__init__(num_local_experts, adapter_config(config), submodules, pg_collection,
                          **kwargs)
         self.dropout = config.pesc_adapter_dropout
+        self.grouped = config.pesc_experts == "grouped"
         # megatron-core marks expert weights for the expert-data-parallel reduction only when
         # ep > 1; with ep == 1 and etp < tp they are replicated over tensor-parallel ranks that
         # see different tokens, yet reduced over the dense DP group only. Always reduce them over
@@ -96,7 +149,21 @@ class PESCAdapterExperts(SequentialMLP):
                 tensor_parallel.get_expert_parallel_rng_tracker_name()
             ):
                 hidden_states = adapter_dropout(hidden_states, self.dropout)
+        if (self.grouped and grouped_mm_runs(hidden_states) and hidden_states.shape[0] > 0
+                and not self.config.moe_apply_probs_on_input):
+            return self._grouped_forward(hidden_states, tokens_per_expert, permuted_probs), None
         return super().forward(hidden_states, tokens_per_expert, permuted_probs, **kwargs)
+
+    def _grouped_forward(self, x, tokens_per_expert, probs):
+        """What SequentialMLP computes (megatron-core's MLP with per_token_scale: the routing
+        weight scales the activation before fc2), as two grouped GEMMs."""
+        fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, r, H]
+        fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, r]
+        counts = torch.as_tensor(tokens_per_expert, device=x.device)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        h = self.config.activation_func(torch._grouped_mm(x, fc1.transpose(1, 2), offs=offsets))
+        h = (h * probs.unsqueeze(-1)).to(x.dtype)
+        return torch._grouped_mm(h, fc2.transpose(1, 2), offs=offsets)
 
 
 class PESCMoELayer(MoELayer):

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from pesc_megatron.config import (
+    ATTENTIONS,
     FP8_MATMULS,
     FROZEN_WEIGHTS,
     ConfigError,
@@ -27,6 +28,7 @@ from pesc_megatron.config import (
     validate_precision,
 )
 from pesc_megatron.data import collate
+from pesc_megatron.model.attention import resolve_attention
 from pesc_megatron.runtime.distributed import destroy, device, initialize
 from pesc_megatron.train.step import forward_only
 
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                          "high precision (default %(default)s)")
     ap.add_argument("--tokenizer", help="default: the checkpoint's tokenizer/ folder")
     ap.add_argument("--cache-dir", help="token cache (default: none, tokenise in memory)")
+    ap.add_argument("--attention", choices=ATTENTIONS, default="auto",
+                    help="core attention (as model.attention): auto, sdpa, local or te")
     for key in ("tp", "pp", "ep", "etp"):
         ap.add_argument(f"--{key}", type=int, default=1)
     args = ap.parse_args(argv)
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                                 fp8_output_outliers=args.fp8_output_outliers)
     validate_precision(precision, args.dtype)
     check_fp8_machine(precision)
+    resolve_attention(args.attention, "--attention")
     info = checkpoint.read_info(args.ckpt)
     try:
         validate_layout(info.model, info.pesc, par, int(os.environ.get("WORLD_SIZE", "1")))
@@ -126,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                             cache_dir=args.cache_dir)
     initialize(par)
     try:
-        model, _ = checkpoint.load(args.ckpt, par, args.dtype, precision=precision)
+        model, _ = checkpoint.load(args.ckpt, par, args.dtype, precision=precision,
+                                   attention=args.attention)
         say(describe_frozen(model))
         loss, tokens = evaluate(model, dataset, args.micro_batch_size)
         say(f"eval: {dataset.stats.summary()}")

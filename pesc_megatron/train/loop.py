@@ -37,6 +37,7 @@ from pesc_megatron.config import (
 )
 from pesc_megatron.convert import checkpoint as pesc_checkpoint
 from pesc_megatron.data import DataError, build_dataset, collate, load_tokenizer
+from pesc_megatron.model.attention import resolve_attention
 from pesc_megatron.model.fp8 import describe_frozen
 from pesc_megatron.model.size import count_parameters
 from pesc_megatron.runtime.distributed import destroy, initialize, set_seed
@@ -270,7 +271,9 @@ def run(job: JobConfig, config_source: dict) -> dict:
     model, info = pesc_checkpoint.load(source, job.parallel, job.model.dtype,
                                        pesc_overrides=job.pesc, lora=job.lora,
                                        precision=job.precision,
-                                       recompute=job.model.recompute)
+                                       recompute=job.model.recompute,
+                                       attention=job.model.attention,
+                                       experts=job.model.experts)
     say(describe_frozen(model))
     ddp = wrap_ddp(model, use_distributed_optimizer=job.optim.distributed)
     optimizer, scheduler = build_optimizer(ddp, job, iters)
@@ -392,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"{args.config}: {e}") from None
     check_batch_layout(job, world)
     check_fp8_machine(job.precision)
+    resolve_attention(job.model.attention)
     if job.model.dtype == "bf16" and not torch.cuda.is_available():
         raise ConfigError("model.dtype=bf16: megatron-core's bf16 optimizer needs a GPU; use "
                           "fp32 on CPU")

@@ -1,16 +1,18 @@
 """One training step on megatron-core: its DDP wrapper, its pipeline schedules and its grad
-finalisation. Micro-batches are dicts of `tokens`, `labels`, `loss_mask` ([b, s] tensors)."""
+finalisation. Micro-batches are dicts of `tokens`, `labels`, `loss_mask` ([b, s] tensors), and
+for packed sequences `cu_seqlens` and `max_seqlen` (data.collate): those run as one THD row of
+b * s positions whose samples attend only to themselves (megatron-core's PackedSeqParams)."""
 from __future__ import annotations
-
-from typing import Iterable
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
+from pesc_megatron.model.attention import block_causal_mask, uses_thd
 from pesc_megatron.runtime.distributed import device
 
 
@@ -29,23 +31,42 @@ def wrap_ddp(model: torch.nn.Module,
     return ddp
 
 
+def model_inputs(batch: dict, thd: bool = True) -> dict:
+    """A collated micro-batch on this rank's device, with the model's `attention_mask` and
+    `packed_seq_params`. Packed sequences (`cu_seqlens`) become, with `thd`, one row of b * s
+    positions with megatron-core's THD PackedSeqParams, else (the local attention) keep their
+    [b, s] layout with the block-diagonal mask built here from the same boundaries. Unpacked
+    ones are causal (both None)."""
+    batch = {k: v.to(device()) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch.update(attention_mask=None, packed_seq_params=None)
+    if "cu_seqlens" not in batch:
+        return batch
+    cu = batch["cu_seqlens"]
+    if not thd:
+        b, s = batch["tokens"].shape
+        return dict(batch, attention_mask=block_causal_mask(cu, b, s))
+    batch = {k: v.reshape(1, -1) if torch.is_tensor(v) and v.dim() == 2 else v
+             for k, v in batch.items()}
+    return dict(batch, packed_seq_params=PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=batch["max_seqlen"],
+        max_seqlen_kv=batch["max_seqlen"]))
+
+
 def _forward_step(data_iterator, model):
-    batch = {k: v.to(device()) if torch.is_tensor(v) else v
-             for k, v in next(data_iterator).items()}
+    config = get_model_config(model)
+    batch = model_inputs(next(data_iterator), uses_thd(config))
     tokens = batch["tokens"]
     position_ids = batch.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    # None: causal; packed sequences bring a block-diagonal mask (True = masked).
     # padding_mask (True = padding) keeps pad positions out of the router's balancing loss and
     # load counts. megatron-core scatters it for sequence parallelism on the first pipeline
     # stage only, so with PP and SP together it is left out (pads are then counted).
     padding_mask = batch.get("padding_mask")
-    config = get_model_config(model)
     if config.pipeline_model_parallel_size > 1 and config.sequence_parallel:
         padding_mask = None
-    output = model(tokens, position_ids, batch.get("attention_mask"), labels=batch["labels"],
-                   padding_mask=padding_mask)
+    output = model(tokens, position_ids, batch["attention_mask"], labels=batch["labels"],
+                   padding_mask=padding_mask, packed_seq_params=batch["packed_seq_params"])
     loss_mask = batch["loss_mask"].float()
 
     def loss_func(per_token_loss):
@@ -60,7 +81,7 @@ def _forward_step(data_iterator, model):
     return output, loss_func
 
 
-def forward_backward(model, micro_batches: Iterable[dict], num_microbatches: int,
+def forward_backward(model, micro_batches: list[dict], num_microbatches: int,
                      seq_length: int, micro_batch_size: int, forward_only: bool = False):
     """Runs megatron-core's schedule for this rank's micro-batches. On the last pipeline stage
     returns the mean lm loss over them (the training objective: each micro-batch's mean over
@@ -71,10 +92,13 @@ def forward_backward(model, micro_batches: Iterable[dict], num_microbatches: int
     return None if stats is None else stats["lm_loss"]
 
 
-def run_schedule(model, micro_batches: Iterable[dict], num_microbatches: int, seq_length: int,
+def run_schedule(model, micro_batches: list[dict], num_microbatches: int, seq_length: int,
                  micro_batch_size: int, forward_only: bool = False):
     """Like `forward_backward`, returning on the last stage {"lm_loss": mean of micro-batch
     means, "loss_sum": summed token losses, "tokens": loss tokens} for this rank."""
+    if micro_batches and "cu_seqlens" in micro_batches[0] and uses_thd(get_model_config(model)):
+        # THD: one row of b * s positions
+        seq_length, micro_batch_size = seq_length * micro_batch_size, 1
     losses = get_forward_backward_func()(
         forward_step_func=_forward_step,
         data_iterator=iter(micro_batches),

@@ -1,10 +1,14 @@
 """GPU check for one H200 (run by tests/gpu/run_h200.sh): PESC forward/backward parity CUDA vs
-CPU on a tiny model, then tokens/s and model FLOP utilisation (MFU) of a Yi-34B-shaped PESC
-layer stack in bf16 and with the FP8 frozen base. Prints a Markdown table; the last line is
-JSON. `--dry-run`: the same code on CPU with tiny shapes, to check the script without a GPU.
+CPU on a tiny model (packed sequences, GQA, the fused attention and grouped experts), the
+fused attention's varlen kernel against its per-sample SDPA path (bf16, error and time), the
+grouped-GEMM experts against megatron-core's loop (bf16, error and time), then tokens/s and
+model FLOP utilisation (MFU) of a Yi-34B-shaped PESC layer stack in bf16 and with the FP8
+frozen base. Prints a Markdown table; the last line is JSON. `--dry-run`: the same code on CPU
+with tiny shapes, to check the script without a GPU.
 
 FLOPs counted per token and layer (forward): attention projections 2*H*(2*H + 2*kv*d), core
-attention 4*s*H (full score matrix, as Megatron-LM counts), shared FFN 6*H*F, router 2*H*E,
+attention 4*s*H (full score matrix, as Megatron-LM counts, although the packed samples need
+less), shared FFN 6*H*F, router 2*H*E,
 adapters 4*H*r*k. A training step runs the frozen projections and FFN forward + input
 gradient (2x), core attention, router and adapters forward + backward (3x).
 """
@@ -40,18 +44,27 @@ def build(shape: dict, layers: int, dtype: str):
         ParallelConfig(), dtype=dtype)
 
 
-def batch(seq: int, mbs: int, device):
+def batch(seq: int, mbs: int, device) -> dict:
+    """A packed micro-batch: each sequence holds samples of seq/2, seq/4 and seq/4 positions
+    (the data pipeline's collated layout: sample boundaries, no mask)."""
+    from pesc_megatron.data import collate
+    from pesc_megatron.train.step import model_inputs
+
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (mbs, seq + 1), generator=g)
-    mask = torch.ones(mbs, 1, seq, seq, dtype=torch.bool).triu(1)
-    return [t.to(device) for t in (tokens[:, :-1], torch.arange(seq).expand(mbs, seq), mask,
-                                   tokens[:, 1:])]
+    bounds = torch.tensor([0, seq // 2, 3 * seq // 4, seq], dtype=torch.int32)
+    items = [dict(tokens=tokens[i, :-1], labels=tokens[i, 1:], loss_mask=torch.ones(seq),
+                  position_ids=torch.cat([torch.arange(n) for n in bounds.diff().tolist()]),
+                  cu_seqlens=bounds) for i in range(mbs)]
+    return {k: v.to(device) if torch.is_tensor(v) else v
+            for k, v in model_inputs(collate(items)).items()}
 
 
 def step(model, data) -> torch.Tensor:
-    tokens, positions, mask, labels = data
     model.zero_grad(set_to_none=True)
-    loss = model(tokens, positions, mask, labels=labels).float().mean()
+    loss = model(data["tokens"], data["position_ids"], data["attention_mask"],
+                 labels=data["labels"], packed_seq_params=data["packed_seq_params"])
+    loss = loss.float().mean()
     loss.backward()
     return loss
 
@@ -91,6 +104,113 @@ def parity(workdir: str) -> dict:
             worst = max(worst, err.item())
     ok = abs(loss - ref["loss"]) <= 1e-5 * abs(ref["loss"]) and worst <= 1e-4
     return dict(ok=ok, loss=loss, cpu_loss=ref["loss"], max_grad_rel_err=worst)
+
+
+def _config(shape: dict, dtype: str):
+    """The one-layer TransformerConfig of `shape` (dropout off)."""
+    from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
+    from pesc_megatron.model.builder import transformer_config
+
+    return transformer_config(
+        ModelConfig(hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
+                    num_hidden_layers=1, num_attention_heads=shape["heads"],
+                    num_key_value_heads=shape["kv_heads"]),
+        PESCConfig(num_experts=shape["experts"], topk=shape["topk"],
+                   adapter_dim=shape["adapter"], adapter_dropout=0.0),
+        ParallelConfig(), dtype)
+
+
+def _timed(fn, device, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def attention_check(shape: dict, seq: int, device) -> dict:
+    """SDPAttention on packed bf16 samples (seq/2, seq/4, seq/4; GQA): torch's varlen kernel
+    (CUDA) against the per-sample SDPA calls, output and input gradients, and the time of a
+    forward + backward of each."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from pesc_megatron.model import attention
+
+    heads, kv, d = shape["heads"], shape["kv_heads"], shape["hidden"] // shape["heads"]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(seq, n, d, generator=g).to(device, torch.bfloat16).requires_grad_()
+               for n in (heads, kv, kv))
+    cu = torch.tensor([0, seq // 2, 3 * seq // 4, seq], dtype=torch.int32, device=device)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=seq // 2, max_seqlen_kv=seq // 2)
+    module = attention.SDPAttention(_config(shape, "bf16"), 1, AttnMaskType.causal, "self")
+    grad = torch.randn(seq, heads * d, generator=g).to(device, torch.bfloat16)
+
+    def run(varlen: bool):
+        saved, attention.varlen_attn = attention.varlen_attn, (
+            attention.varlen_attn if varlen else None)
+        try:
+            for x in (q, k, v):
+                x.grad = None
+            out = module(q, k, v, None, packed_seq_params=packed)
+            out.backward(grad)
+            return out.detach().float(), q.grad.float()
+        finally:
+            attention.varlen_attn = saved
+
+    loop_out, loop_grad = run(False)
+    result = dict(seq=seq, heads=heads, kv_heads=kv, head_dim=d,
+                  loop_s=round(_timed(lambda: run(False), device), 5))
+    if attention.varlen_attn is not None and device.type == "cuda":
+        out, grad_q = run(True)
+        result.update(
+            varlen_s=round(_timed(lambda: run(True), device), 5),
+            out_rel_err=((out - loop_out).abs().max() / loop_out.abs().max()).item(),
+            grad_rel_err=((grad_q - loop_grad).abs().max() / loop_grad.abs().max()).item())
+        result["ok"] = result["out_rel_err"] < 2e-2 and result["grad_rel_err"] < 2e-2
+    return result
+
+
+def experts_check(shape: dict, tokens: int, device) -> dict:
+    """One PESC MoE layer (bf16, train mode, dropout off): the grouped-GEMM experts against
+    megatron-core's SequentialMLP loop, output and input gradient, and forward + backward
+    time of each."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from pesc_megatron.model.pesc_layer import grouped_mm_runs
+    from pesc_megatron.model.spec import pesc_mlp_spec
+
+    cfg = _config(shape, "bf16" if device.type == "cuda" else "fp32")
+    layer = build_module(pesc_mlp_spec(), config=cfg, layer_number=1).to(device).train()
+    with torch.no_grad():
+        for expert in layer.experts.local_experts:
+            expert.linear_fc2.weight.normal_(0.0, 0.02)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens, 1, shape["hidden"], generator=g).to(device, cfg.params_dtype)
+    x.requires_grad_()
+    grad = torch.randn(x.shape, generator=g).to(device, cfg.params_dtype)
+
+    def run(grouped: bool):
+        layer.experts.grouped = grouped
+        x.grad = None
+        out = layer(x)[0]
+        out.backward(grad)
+        return out.detach().float(), x.grad.float()
+
+    seq_out, seq_grad = run(False)
+    out, grad_x = run(True)
+    result = dict(tokens=tokens, grouped_kernel=grouped_mm_runs(x),
+                  out_rel_err=((out - seq_out).abs().max() / seq_out.abs().max()).item(),
+                  grad_rel_err=((grad_x - seq_grad).abs().max() / seq_grad.abs().max()).item(),
+                  sequential_s=round(_timed(lambda: run(False), device), 5),
+                  grouped_s=round(_timed(lambda: run(True), device), 5))
+    result["ok"] = result["out_rel_err"] < 2e-2 and result["grad_rel_err"] < 2e-2
+    return result
 
 
 def step_flops(shape: dict, layers: int, seq: int) -> float:
@@ -180,6 +300,10 @@ def main() -> None:
     print(f"parity CUDA vs CPU: {result['parity']}", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     shape, seq = (TINY, 32) if args.dry_run else (YI34B, args.seq)
+    result["attention"] = attention_check(shape, 4 * seq, dev)
+    print(f"fused attention, varlen vs per-sample SDPA: {result['attention']}", flush=True)
+    result["experts"] = experts_check(shape, seq, dev)
+    print(f"adapter experts, grouped vs sequential: {result['experts']}", flush=True)
     layers = args.layers or layers_that_fit(shape, seq, args.micro_batch, dev)
     result["runs"] = [throughput(shape, layers, seq, args.micro_batch, frozen, args.steps, dev)
                       for frozen in ("bf16", "fp8")]
@@ -191,7 +315,8 @@ def main() -> None:
               f"{r['tokens_per_s']} | {r['tflops']} | {r['mfu_bf16_peak']:.1%} | "
               f"{r['peak_bytes'] / 2**30:.1f} |")
     print(json.dumps(result))
-    if not result["parity"]["ok"]:
+    if not result["parity"]["ok"] or not all(result[k].get("ok", True)
+                                             for k in ("attention", "experts")):
         sys.exit(1)
 
 

@@ -252,15 +252,17 @@ def test_two_node_launch_matches_one_node(job):
         assert got[step]["tokens_per_s"] > 0
 
 
-def test_packing_gives_unpacked_per_sample_loss(job):
-    """Through the real model (non-zero adapters): each sample's summed token loss is the same
-    packed (block-diagonal mask, restarted positions) as alone in its own sequence."""
+@pytest.mark.parametrize("attention", ["sdpa", "local"])
+def test_packing_gives_unpacked_per_sample_loss(job, attention):
+    """Through the real model (non-zero adapters, GQA): each sample's token losses are the same
+    packed (THD boundaries, RoPE restarted per sample) as alone in its own sequence."""
     from pesc_megatron.config import ParallelConfig
     from pesc_megatron.convert import checkpoint
     from pesc_megatron.data import build_dataset, collate, load_tokenizer
+    from pesc_megatron.train.step import model_inputs
 
     root, ckpt, _ = job
-    model, _ = checkpoint.load(ckpt, ParallelConfig())
+    model, _ = checkpoint.load(ckpt, ParallelConfig(), attention=attention)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "linear_fc2" in name and ".experts." in name:
@@ -273,10 +275,10 @@ def test_packing_gives_unpacked_per_sample_loss(job):
     assert len(packed) < len(plain)
 
     def token_losses(item):
-        b = collate([item])
+        b = model_inputs(collate([item]), thd=attention != "local")
         with torch.no_grad():
-            return model(b["tokens"], b["position_ids"], b["attention_mask"],
-                         labels=b["labels"])[0] * b["loss_mask"][0]
+            return model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"],
+                         packed_seq_params=b["packed_seq_params"])[0] * b["loss_mask"][0]
 
     checked = 0
     for i in range(len(packed)):

@@ -50,10 +50,38 @@ def global_batch():
                  loss_mask=mask[i:i + 1]) for i in range(GLOBAL_BATCH)]
 
 
+# Packed sequences of PACKED_SEQ positions: samples of different lengths, padding tails.
+PACKED_SEQ, PACKED_MICRO_BATCH = 16, 2
+PACKED_SAMPLES = ([5, 7, 4], [16], [3, 3, 6], [9])
+
+
+def packed_global_batch() -> list[dict]:
+    """The global batch as packed micro-batches of PACKED_MICRO_BATCH sequences (collated as
+    the data pipeline collates them: sample boundaries, no mask)."""
+    from pesc_megatron.data import collate
+
+    g = torch.Generator().manual_seed(4321)
+    s, items = PACKED_SEQ, []
+    for lengths in PACKED_SAMPLES:
+        tokens = torch.randint(0, TINY_MODEL["vocab_size"], (s + 1,), generator=g)
+        bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+        pad = torch.arange(s) >= bounds[-1]
+        loss_mask = (~pad).float()
+        loss_mask[bounds[0]:bounds[0] + 2] = 0  # a prompt that carries no loss
+        items.append(dict(tokens=tokens[:-1], labels=tokens[1:], loss_mask=loss_mask,
+                          padding_mask=pad, cu_seqlens=torch.tensor(
+                              bounds + ([s] if bounds[-1] < s else []), dtype=torch.int32)))
+    return [collate(items[i:i + PACKED_MICRO_BATCH])
+            for i in range(0, len(items), PACKED_MICRO_BATCH)]
+
+
 def parity_worker(layout: dict, ckpt_dir: str, out_path: str) -> None:
     """Builds the tiny PESC model at `layout`, loads (or, at the reference layout, creates and
     saves) its weights, runs one forward/backward over the global batch and has rank 0 save
-    the loss and every trainable gradient keyed by its single-rank name."""
+    the loss and every trainable gradient keyed by its single-rank name. Besides the parallel
+    sizes, `layout` may set dispatcher, capacity_factor, lora, attention, recompute, experts and
+    packed (the packed
+    global batch instead of the unpacked one)."""
     from megatron.core import dist_checkpointing, parallel_state as ps
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -64,11 +92,17 @@ def parity_worker(layout: dict, ckpt_dir: str, out_path: str) -> None:
 
     layout = dict(layout)
     dispatcher = layout.pop("dispatcher", "alltoall")
+    capacity_factor = layout.pop("capacity_factor", None)
     lora = LoRAConfig(**TINY_LORA) if layout.pop("lora", False) else None
+    options = dict(attention=layout.pop("attention", "sdpa"),
+                   recompute=layout.pop("recompute", "none"),
+                   experts=layout.pop("experts", "grouped"))
+    packed = layout.pop("packed", False)
     par = ParallelConfig(**layout)
     initialize(par, seed=7)
-    pesc = PESCConfig(**{**TINY_PESC, "dispatcher": dispatcher})
-    model = build_model(ModelConfig(**TINY_MODEL), pesc, par, lora=lora)
+    pesc = PESCConfig(**{**TINY_PESC, "dispatcher": dispatcher,
+                         "capacity_factor": capacity_factor})
+    model = build_model(ModelConfig(**TINY_MODEL), pesc, par, lora=lora, **options)
     reference = not os.path.exists(ckpt_dir)
     if reference:  # non-zero adapters so that every trainable tensor has a gradient
         assert dist.get_world_size() == 1
@@ -83,8 +117,10 @@ def parity_worker(layout: dict, ckpt_dir: str, out_path: str) -> None:
     ddp = wrap_ddp(model)
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    mine = global_batch()[dp_rank * GLOBAL_BATCH // dp:(dp_rank + 1) * GLOBAL_BATCH // dp]
-    loss = forward_backward(ddp, mine, len(mine), SEQ, 1)
+    batches, seq, mbs = (packed_global_batch(), PACKED_SEQ, PACKED_MICRO_BATCH) if packed \
+        else (global_batch(), SEQ, 1)
+    mine = batches[dp_rank * len(batches) // dp:(dp_rank + 1) * len(batches) // dp]
+    loss = forward_backward(ddp, mine, len(mine), seq, mbs)
     if loss is not None:
         dist.all_reduce(loss, group=ps.get_data_parallel_group())
         loss = (loss / dp).item()

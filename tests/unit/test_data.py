@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from pesc_megatron.data import (DataError, SentencePieceTokenizer, build_dataset, first_fit,
-                                load_tokenizer, render_record, to_training_example)
+from pesc_megatron.data import (DataError, SentencePieceTokenizer, build_dataset, collate,
+                                first_fit, load_tokenizer, render_record, to_training_example)
 
 from tests.conftest import needs_smollm2
 
@@ -275,7 +275,7 @@ def test_packing_layout_matches_unpacked(sp, tmp_path):
     packed = build_dataset([f], sp, seq_length=s, packing=True, seed=1)
     plain = build_dataset([f], sp, seq_length=s, packing=False, seed=1)
     assert (packed.samples == plain.samples).all() and len(packed) < len(plain)
-    assert plain[0]["attention_mask"] is None
+    assert "cu_seqlens" not in plain[0]
 
     def pieces(ds, i, bounds):
         ex = ds[i]
@@ -290,12 +290,9 @@ def test_packing_layout_matches_unpacked(sp, tmp_path):
         pos = ex["position_ids"].tolist()
         for x, y in zip(b, b[1:]):
             assert pos[x:y] == list(range(y - x))  # restart per sample
-        seg = [j for j, (x, y) in enumerate(zip(b, b[1:])) for _ in range(x, y)]
-        seg += [len(b)] * (s - len(seg))  # the padding tail: a block of its own
-        allowed = torch.tensor([[seg[p] == seg[q] and q <= p for q in range(s)]
-                                for p in range(s)])
-        assert ex["attention_mask"].shape == (1, 1, s, s)
-        assert torch.equal(ex["attention_mask"][0, 0], ~allowed)
+        # the samples' boundaries, and the padding tail as a sample of its own
+        assert ex["cu_seqlens"].tolist() == b + ([s] if b[-1] < s else [])
+        assert all(v.numel() <= s + 1 for v in ex.values())  # no [s, s] mask
         assert ex["loss_mask"][b[-1]:].sum() == 0
         got += pieces(packed, i, b)
     for k in range(len(plain)):
@@ -304,9 +301,25 @@ def test_packing_layout_matches_unpacked(sp, tmp_path):
     assert sum(sum(p[2]) for p in got) == packed.stats.target_tokens
 
 
+def test_packed_batch_at_8192_positions_holds_no_dense_mask(sp, tmp_path):
+    """Collation carries sample boundaries: a packed micro-batch of 2 x 8192 positions is O(s)
+    bytes on the host (an [s, s] bool mask alone would be 64 MiB per sequence)."""
+    recs = [{"text": " ".join(["cats", "dogs", "rivers"][j % 3] for j in range(40 + i % 300))}
+            for i in range(400)]
+    f = write_jsonl(tmp_path / "long.jsonl", recs)
+    s = 8192
+    ds = build_dataset([f], sp, seq_length=s, packing=True)
+    batch = collate([ds[0], ds[1]])
+    assert batch["cu_seqlens"].dim() == 1 and len(batch["cu_seqlens"]) > 3  # several samples
+    assert batch["cu_seqlens"][-1] == 2 * s and batch["max_seqlen"] <= s
+    nbytes = sum(v.numel() * v.element_size() for v in batch.values() if torch.is_tensor(v))
+    assert nbytes < 64 * 2 * s  # a few int64/float32 per position, nothing quadratic
+    assert all(v.numel() <= 2 * s + 1 for v in batch.values() if torch.is_tensor(v))
+
+
 def test_packing_gives_unpacked_outputs(sp, tmp_path):
-    """With its mask and position ids, a packed sequence through a causal attention layer gives
-    each sample the outputs it gets alone."""
+    """With its sample boundaries and position ids, a packed sequence through a causal
+    attention layer (masked by the boundaries) gives each sample the outputs it gets alone."""
     f = write_jsonl(tmp_path / "d.jsonl", mixed_records())
     packed = build_dataset([f], sp, seq_length=48, packing=True, seed=1)
     plain = build_dataset([f], sp, seq_length=48, packing=False, seed=1)
@@ -317,8 +330,12 @@ def test_packing_gives_unpacked_outputs(sp, tmp_path):
     def layer(ex):
         x = emb[ex["tokens"]] + pos_emb[ex["position_ids"]]
         q, k, v = x @ wq, x @ wk, x @ wv
-        m = ex["attention_mask"]
-        allowed = ~m[0, 0] if m is not None else torch.ones(48, 48, dtype=torch.bool).tril()
+        allowed = torch.ones(48, 48, dtype=torch.bool).tril()
+        if "cu_seqlens" in ex:
+            seg = torch.zeros(48, dtype=torch.long)
+            for start in ex["cu_seqlens"][1:-1].tolist():
+                seg[start:] += 1
+            allowed &= seg[:, None] == seg[None, :]
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
     for i in range(len(packed)):

@@ -97,7 +97,8 @@ def test_init_is_torch_linear_default(single_rank):
 
 
 def test_crafted_model_gives_the_dense_models_logits(single_rank):
-    """PESC GPTModel (zero adapters) vs megatron-core's dense GPTModel with the same weights."""
+    """PESC GPTModel (zero adapters) vs megatron-core's dense GPTModel with the same weights
+    and attention (megatron-core's local one: bit for bit)."""
     import dataclasses
 
     from megatron.core.models.gpt import GPTModel
@@ -107,7 +108,8 @@ def test_crafted_model_gives_the_dense_models_logits(single_rank):
     from pesc_megatron.model.builder import build_model
 
     torch.manual_seed(0)
-    pesc = build_model(MODEL, PESCConfig(num_experts=E, adapter_dim=8), ParallelConfig())
+    pesc = build_model(MODEL, PESCConfig(num_experts=E, adapter_dim=8), ParallelConfig(),
+                       attention="local")
     fields = {f.name: getattr(pesc.config, f.name)
               for f in dataclasses.fields(TransformerConfig) if f.init}
     fields.update(num_moe_experts=None, moe_ffn_hidden_size=None,
@@ -306,3 +308,38 @@ def test_activation_recompute_gives_the_same_gradients(single_rank, recompute):
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7)
+
+
+def test_grouped_experts_with_dropout_equal_the_sequential_loop(single_rank):
+    """Dropout on: the grouped GEMMs see the same per-(token, expert) masks as megatron-core's
+    loop (drawn before either runs), so the same RNG state gives the same output and gradients;
+    a token's two routed rows get different masks."""
+    from megatron.core import tensor_parallel
+
+    layer = make_layer(adapter_dropout=0.1, topk=2).train()
+    with torch.no_grad():
+        for expert in layer.experts.local_experts:
+            expert.linear_fc2.weight.normal_(0, 0.1)
+    x = torch.randn(64, 1, H, requires_grad=True)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    results = {}
+    for grouped in (True, False):
+        layer.experts.grouped = grouped
+        states = tracker.get_states()
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        out = layer(x)[0]
+        out.square().sum().backward()
+        tracker.set_states(states)  # the next run draws the same masks
+        results[grouped] = (out.detach(), x.grad.clone(),
+                            [p.grad.clone() for p in layer.experts.parameters()])
+    (o1, g1, p1), (o2, g2, p2) = results[True], results[False]
+    torch.testing.assert_close(o1, o2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-7)
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    from pesc_megatron.model.pesc_layer import adapter_dropout
+
+    rows = adapter_dropout(torch.ones(2, 4096), 0.1) == 0  # two rows, as for top-2
+    assert 0.08 < rows.float().mean() < 0.12 and not torch.equal(rows[0], rows[1])

@@ -43,6 +43,7 @@ def _saved_bytes(model, tokens, mask) -> int:
     return sum(saved.values())
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "local"])
 @pytest.mark.parametrize("kv_heads,lora,recompute", [
     (2, False, "none"),  # GQA: k and v repeated to every head
     (4, True, "none"),  # no GQA: v keeps the fused qkv output alive; LoRA on all seven
@@ -50,7 +51,8 @@ def _saved_bytes(model, tokens, mask) -> int:
     (2, True, "full"),
     (4, False, "selective"),
 ])
-def test_saved_activations_match_what_autograd_keeps(single_rank, kv_heads, lora, recompute):
+def test_saved_activations_match_what_autograd_keeps(single_rank, kv_heads, lora, recompute,
+                                                     attention):
     from pesc_megatron.model.builder import build_model
 
     model_cfg = ModelConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=3,
@@ -59,11 +61,14 @@ def test_saved_activations_match_what_autograd_keeps(single_rank, kv_heads, lora
     pesc = PESCConfig(num_experts=4, topk=2, adapter_dim=16, adapter_dropout=0.1)
     lora_cfg = LoRAConfig(list(LORA_TARGETS), rank=8) if lora else LoRAConfig()
     job = Job(model_cfg, pesc, lora_cfg, seq=64, micro_batch=2, dtype="fp32",
-              recompute=recompute)
-    model = build_model(model_cfg, pesc, ParallelConfig(), lora=lora_cfg, recompute=recompute)
+              recompute=recompute, attention=attention)
+    model = build_model(model_cfg, pesc, ParallelConfig(), lora=lora_cfg, recompute=recompute,
+                        attention=attention)
     model.train()  # dropout masks are kept too
     tokens = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(64, 64, dtype=torch.bool).triu(1).expand(2, 1, 64, 64).contiguous()
+    # The local attention with the mask of packed sequences (here causal); the fused one causal.
+    mask = torch.ones(64, 64, dtype=torch.bool).triu(1).expand(2, 1, 64, 64).contiguous() \
+        if attention == "local" else None
     predicted = stage_activations(job, Layout(), stage=0)["saved"]
     # Not exact: small bookkeeping tensors (norm statistics, routing indices) are estimates.
     assert _saved_bytes(model, tokens, mask) == pytest.approx(predicted, rel=0.01)

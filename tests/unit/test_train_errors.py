@@ -81,6 +81,23 @@ def test_cli_errors_before_any_work(setup, capsys, monkeypatch, tmp_path):
                                   in capsys.readouterr().err)
 
 
+def test_attention_this_machine_cannot_run_is_one_line(setup, capsys):
+    """No Transformer Engine on a CPU machine: model.attention=te (and pesc eval --attention te)
+    is one line naming the key, the value and what is available."""
+    config = job_file(setup)
+    rc, line = run_cli(capsys, config, "model.attention=te")
+    assert rc == 2 and line.startswith("pesc train: error: ")
+    assert "model.attention=te: not available on this machine" in line
+    assert "available: auto, sdpa, local" in line
+    rc, line = run_cli(capsys, config, "model.attention=flash")
+    assert rc == 2 and "model.attention='flash': must be one of auto, sdpa, local, te" in line
+    rc, line = run_cli(capsys, config, "model.experts=loop")
+    assert rc == 2 and "model.experts='loop': must be one of grouped, sequential" in line
+    rc = main(["eval", "--ckpt", str(setup[1]), "--data", "x.jsonl", "--attention", "te"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "--attention=te: not available on this machine" in line
+
+
 def test_data_errors_stop_the_run(setup):
     """A missing file, malformed JSON, and records with no trainable token: three real runs
     (launched together to share the start-up time)."""
