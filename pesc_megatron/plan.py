@@ -170,11 +170,13 @@ def _qkv_elements(m: ModelConfig, recompute: str, attention: str = "local") -> i
     without recompute: q and k after RoPE; with GQA the k and v repeated to every query head,
     without it v is a view that keeps the whole fused qkv output alive. Selective recompute
     keeps the core attention's inputs: q and k after RoPE and v, still a view of the fused
-    output. The fused attention keeps those inputs (no repeat) and its output."""
+    output. The fused attention keeps q and k after RoPE, a copy of v (so the fused output
+    goes) and its output; with selective recompute the checkpoint keeps its inputs as passed
+    (v a view of the fused output)."""
     q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
     inputs = q + kv + (q + 2 * kv)
     if attention != "local":
-        return inputs + (q if recompute == "none" else 0)
+        return inputs if recompute == "selective" else q + 2 * kv + q
     if recompute == "selective" or q == kv:
         return inputs
     return 3 * q
@@ -207,8 +209,8 @@ def layer_activations(job: Job, lay: Layout, core_attention: bool = True,
             total += heads * s * softmax_bytes(job.dtype) * t
         elif job.recompute == "none":  # the fused kernel's fp32 logsumexp per head
             total += heads * 4 * t
-    if ffn:  # SwiGLU: fc1 output (gate, up), silu(gate), the product read by fc2
-        total += 4 * f // lay.tp * a * t
+    if ffn:  # SwiGLU (megatron-core's fused function): the fc1 output (gate, up) only
+        total += 2 * f // lay.tp * a * t
     # Adapters, on the k tokens-per-token routed here (balanced routing; ETP gathers its group's
     # tokens): dropped input (+ bool mask), fc1 output, GELU, GELU times the routing weight.
     mask = 1 if p.adapter_dropout > 0 and ffn else 0

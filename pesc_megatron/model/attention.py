@@ -96,8 +96,8 @@ class SDPAttention(MegatronModule):
         assert attention_bias is None, "SDPAttention takes no attention bias"
         if packed_seq_params is not None:
             return self._packed(query, key, value, packed_seq_params)
-        # [s, b, heads, hn] -> [b, heads, s, hn]
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        # [s, b, heads, hn] -> [b, heads, s, hn]; v copied, as in _packed
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value.contiguous()))
         if attention_mask is None:
             out = self._sdpa(q, k, v, is_causal=True)
         else:  # an explicit mask (True = masked)
@@ -118,7 +118,9 @@ class SDPAttention(MegatronModule):
         # [t, heads, hn] -> [1, heads, t, hn]; one causal call per sample's diagonal block.
         # 4-D on purpose: torch picks its CPU flash kernel for 4-D inputs only (3-D ones take
         # the math path, which keeps every sample's [heads, n, n] probabilities).
-        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+        # v is a view of the fused qkv projection: a copy lets that output go (saves
+        # (q + 2 kv) - kv elements a token and layer of activation memory).
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value.contiguous()))
         bounds = sample_bounds(packed_seq_params)
         outs = [self._sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True)
                 for a, b in zip(bounds[:-1], bounds[1:]) if b > a]

@@ -68,6 +68,9 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=F.silu,
+        # megatron-core's SwiGLU function: keeps only the fc1 output for backward (its
+        # unfused glu also keeps silu(gate) and a copy of up: 2 x [tokens, ffn] more a layer)
+        bias_activation_fusion=True,
         add_bias_linear=False,
         add_qkv_bias=model.attention_bias,
         hidden_dropout=0.0,
