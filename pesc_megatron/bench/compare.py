@@ -134,6 +134,7 @@ def _build(spec: dict):
 
     model_cfg = spec["model_cfg"]
     kind, e, k, r = spec["variant"], spec["experts"], spec["topk"], spec["adapter_dim"]
+    attention = spec.get("attention") or "auto"
     if kind in ("pesc", "pesc_lora"):
         lora = LoRAConfig(targets=ALL_LORA, rank=spec["lora_rank"]) if kind == "pesc_lora" \
             else None
@@ -144,7 +145,6 @@ def _build(spec: dict):
                 if ".experts." in name and "linear_fc2" in name:
                     p.normal_(0, 0.02)
         return model, _megatron_forward(model)
-    attention = spec.get("attention") or "auto"
     if kind in ("dense_full", "dense_frozen"):
         model = _dense_gpt(model_cfg, attention)
         trainable = kind == "dense_full"
