@@ -5,12 +5,14 @@ installs one patch per broken megatron-core symbol (listed in `PATCHES`, each wi
 plus a torch function mode that maps tensors requested on a CUDA device to the CPU, which
 covers the many `device="cuda"` / `torch.cuda.current_device()` literals in one place
 (`.cuda()` then returns the tensor itself, not a copy). With CUDA available only
-`NO_TE_PATCHES` applies, and only when Transformer Engine is absent.
+`NO_TE_PATCHES` applies, and only when Transformer Engine is absent. `EVERYWHERE_PATCHES`
+(avoidable copies, not CUDA assumptions) apply on every machine.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -260,6 +262,32 @@ PATCHES: list[Patch] = [
           _with_cuda_type_names),
 ]
 
+def _sort_chunks_unless_identity(original: Callable) -> Callable:
+    """sort_chunks_by_idxs, skipped when the order it sorts into is the one the chunks are
+    in (one EP x TP rank: the chunks already come in local-expert order)."""
+
+    identity = {}  # id -> (weak reference, is identity): the dispatcher's index tensors
+
+    def sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs=None, fused=False):
+        ref, same = identity.get(id(sorted_idxs), (None, False))
+        if ref is None or ref() is not sorted_idxs:  # one host copy per index tensor
+            same = torch.equal(sorted_idxs.cpu(), torch.arange(len(sorted_idxs)))
+            identity[id(sorted_idxs)] = (weakref.ref(sorted_idxs), same)
+        if same:
+            return input, probs
+        return original(input, split_sizes, sorted_idxs, probs=probs, fused=fused)
+
+    return sort_chunks_by_idxs
+
+
+# Needed everywhere (CPU or GPU, with or without Transformer Engine).
+EVERYWHERE_PATCHES: list[Patch] = [
+    Patch("megatron.core.transformer.moe.token_dispatcher:sort_chunks_by_idxs",
+          "the alltoall dispatcher sorts the tokens by local expert even with one EP x TP "
+          "rank, where that order is the identity: a copy of every routed token and of its "
+          "gradient per layer", _sort_chunks_unless_identity),
+]
+
 # Needed wherever Transformer Engine is absent, GPU or not.
 NO_TE_PATCHES: list[Patch] = [
     Patch("megatron.core.transformer.moe.moe_utils:te_general_gemm",
@@ -324,6 +352,7 @@ def apply(force: bool = False) -> bool:
     if _applied:
         return True
     check_mcore_version()
+    _install(EVERYWHERE_PATCHES)
     if not have_te():
         _install(NO_TE_PATCHES)
     if torch.cuda.is_available() and not force:
