@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # One command on one H200 (Python 3.12 with torch preinstalled, no network), about 5-8 minutes:
 #   tests/gpu/run_h200.sh [WHEEL_DIR]        (default: tests/gpu/wheels)
-# 1. PESC forward/backward parity CUDA vs CPU on a tiny model (fp32, TF32 off);
-# 2. tokens/s and MFU of a Yi-34B-shaped PESC layer stack (hidden 7168, ffn 20480, 56/8 heads,
-#    8 experts, top-2, adapter 512; as many layers as fit) in bf16,
-# 3. the same with the FP8 frozen base (torchao e4m3, torch._scaled_mm products).
+# 1. PESC forward/backward parity CUDA vs CPU on a tiny model (fp32, TF32 off; packed
+#    sequences, GQA, the fused attention and the grouped experts);
+# 2. the fused attention's varlen kernel against its per-sample SDPA path (bf16, Yi-34B's
+#    heads, packed samples): errors and forward+backward time of each;
+# 3. the grouped-GEMM experts against megatron-core's SequentialMLP loop (bf16, one
+#    Yi-34B-shaped PESC layer): errors and time of each;
+# 4. tokens/s and MFU of a Yi-34B-shaped PESC layer stack (hidden 7168, ffn 20480, 56/8 heads,
+#    8 experts, top-2, adapter 512; as many layers as fit) in bf16, packed sequences,
+# 5. the same with the FP8 frozen base (torchao e4m3, torch._scaled_mm products).
 # megatron-core and torchao (and numpy, if the image lacks it) come as wheels, fetched
 # beforehand on a machine with network by tests/gpu/fetch_wheels.sh. Output: a Markdown table
 # and a JSON line, also saved to $OUT (default /tmp/pesc_h200) for docs/.
