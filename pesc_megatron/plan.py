@@ -209,7 +209,9 @@ def layer_activations(job: Job, lay: Layout, core_attention: bool = True,
             total += heads * s * softmax_bytes(job.dtype) * t
         elif job.recompute == "none":  # the fused kernel's fp32 logsumexp per head
             total += heads * 4 * t
-    if ffn:  # SwiGLU (megatron-core's fused function): the fc1 output (gate, up) only
+    # SwiGLU (megatron-core's fused function): the fc1 output (gate, up) only. A CPU without a
+    # C++ compiler runs the unfused one (builder.fused_swiglu_runs), which keeps 2F more.
+    if ffn:
         total += 2 * f // lay.tp * a * t
     # Adapters, on the k tokens-per-token routed here (balanced routing; ETP gathers its group's
     # tokens): dropped input (+ bool mask), fc1 output, GELU, GELU times the routing weight.

@@ -1,6 +1,9 @@
 """Builds megatron-core's GPTModel with PESC layers from a Hugging Face-style architecture."""
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -22,6 +25,13 @@ from pesc_megatron.runtime.distributed import device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
            "fp64": torch.float64}
+
+
+def fused_swiglu_runs() -> bool:
+    """megatron-core's fused SwiGLU is `torch.compile`d (megatron.core.jit): on CPU that needs
+    a C++ compiler for inductor's kernels; without one the unfused SwiGLU runs."""
+    return torch.cuda.is_available() or any(
+        shutil.which(cc) for cc in (os.environ.get("CXX", "c++"), "g++", "clang++"))
 
 
 def te_fp8_fields(precision: PrecisionConfig | None) -> dict:
@@ -70,7 +80,7 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
         activation_func=F.silu,
         # megatron-core's SwiGLU function: keeps only the fc1 output for backward (its
         # unfused glu also keeps silu(gate) and a copy of up: 2 x [tokens, ffn] more a layer)
-        bias_activation_fusion=True,
+        bias_activation_fusion=fused_swiglu_runs(),
         add_bias_linear=False,
         add_qkv_bias=model.attention_bias,
         hidden_dropout=0.0,
