@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pesc_megatron", "pesc_megatron.*"]),
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...) (model/attention.py)
         # 0.16 is the newest for Python 3.11; 0.17-0.19 are the NGC containers' (Python 3.12).
         "megatron-core>=0.16.1,<0.20",
         "numpy",
