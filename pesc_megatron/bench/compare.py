@@ -282,9 +282,11 @@ def measure_train(spec: dict) -> dict:
                 # real (non-padding) tokens: what metrics.jsonl counts
                 tokens_per_s=statistics.median(r["tokens_per_s"] for r in timed),
                 total_params=counts["total"], trainable_params=counts["trainable"],
-                param_grad_optim_bytes=0, trainable_and_optim_bytes=16 * counts["trainable"],
+                # not measured in the child's own process: None, not a made-up 0; the
+                # trainable state is fp32 weights + grads + two Adam moments (16 B a param)
+                param_grad_optim_bytes=None, trainable_and_optim_bytes=16 * counts["trainable"],
                 checkpoint_bytes=12 * counts["trainable"], peak_rss_bytes=peak,
-                baseline_rss_bytes=0)
+                baseline_rss_bytes=None)
 
 
 def measure(spec: dict) -> dict:
@@ -410,8 +412,8 @@ def _merge_rounds(rounds: list[dict]) -> dict:
                 peak_rss_bytes=max(r["peak_rss_bytes"] for r in rounds))
 
 
-def _gb(n: float) -> str:
-    return f"{n / 2**30:.2f}"
+def _gb(n) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f}"
 
 
 def markdown(rows: list[dict], base: dict) -> str:
