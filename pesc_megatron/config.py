@@ -281,6 +281,7 @@ class TrainConfig:
     keep_last: int = 2  # training checkpoints kept (older ones are deleted)
     out_dir: str = "runs/pesc"
     dist_timeout_minutes: int = 60  # collectives' timeout; rank 0 tokenises while others wait
+    profile_step: int = 0  # >0: this step runs under torch.profiler (train/profile.py)
 
 
 FROZEN_WEIGHTS = ("fp32", "bf16", "fp8")
@@ -498,6 +499,8 @@ def validate_job(job: JobConfig) -> None:
     for key in ("eval_interval", "save_interval"):
         if getattr(t, key) < 0:
             bad(f"train.{key}", "must be >= 0 (0: only at the end)")
+    if t.profile_step < 0:
+        bad("train.profile_step", "must be >= 0 (0: no profiling)")
     if t.iters is not None and t.iters < 1:
         bad("train.iters", "must be >= 1 (or null for one epoch)")
     if t.global_batch_size % t.micro_batch_size:

@@ -115,16 +115,19 @@ class SDPAttention(MegatronModule):
                               packed_seq_params.max_seqlen_q, scale=self.scale,
                               window_size=(-1, 0), enable_gqa=query.shape[1] != key.shape[1])
             return out.reshape(t, -1)
-        # [t, heads, hn] -> [1, heads, t, hn]; one causal call per sample's diagonal block.
-        # 4-D on purpose: torch picks its CPU flash kernel for 4-D inputs only (3-D ones take
-        # the math path, which keeps every sample's [heads, n, n] probabilities).
+        # One causal call per sample's diagonal block, each [1, heads, n, hn]. 4-D on purpose:
+        # torch picks its CPU flash kernel for 4-D inputs only (3-D ones take the math path,
+        # which keeps every sample's [heads, n, n] probabilities). split, not slicing: its
+        # backward is one cat, a slice's a zero-filled full-size gradient per sample.
         # v is a view of the fused qkv projection: a copy lets that output go (saves
         # (q + 2 kv) - kv elements a token and layer of activation memory).
-        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value.contiguous()))
         bounds = sample_bounds(packed_seq_params)
-        outs = [self._sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True)
-                for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        return torch.cat(outs, dim=2)[0].transpose(0, 1).reshape(t, -1)
+        sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        outs = [self._sdpa(*(x.transpose(0, 1).unsqueeze(0) for x in qkv), is_causal=True)
+                .squeeze(0).transpose(0, 1)
+                for qkv in zip(query.split(sizes), key.split(sizes), value.contiguous().split(sizes))
+                if qkv[0].shape[0]]
+        return torch.cat(outs).reshape(t, -1)
 
 
 def resolve_attention(choice: str, key: str = "model.attention") -> str:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from pesc_megatron.config import (
     LoRAConfig,
@@ -119,12 +120,45 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
     )
 
 
+class PESCGPTModel(GPTModel):
+    """megatron-core's GPTModel whose training loss computes logits only at the positions
+    `loss_mask` selects (an instruction record's response tokens, no padding): the output
+    layer and the cross entropy over the vocabulary are a large part of a step for small
+    models, and prompt and pad positions carry no loss. Without `loss_mask` (or labels) it is
+    GPTModel's forward unchanged. The returned [b, s] loss is 0 where the mask is 0."""
+
+    def _postprocess(self, hidden_states, labels=None, loss_mask=None, **kwargs):
+        if labels is None or loss_mask is None or not self.post_process or self.mtp_process \
+                or self.config.mtp_num_layers is not None:
+            return super()._postprocess(hidden_states, labels=labels, loss_mask=loss_mask,
+                                        **kwargs)
+        weight = (self.shared_embedding_or_output_weight()
+                  if self.share_embeddings_and_output_weights else None)
+        keep = loss_mask.t().bool()  # [s, b], the layout of hidden_states
+        layer = self.output_layer
+        if not layer.sequence_parallel:
+            logits, _ = layer(hidden_states[keep].unsqueeze(1), weight=weight)
+        else:
+            # The sequence is split over the TP ranks: gather it (backward: this rank's slice
+            # of the gradient), select, and run the layer as a TP layer without SP, whose
+            # backward all-reduces the input gradient (the FP8 outlier hook follows the flag).
+            full = gather_from_sequence_parallel_region(hidden_states, False, self.pg_collection.tp)
+            layer.sequence_parallel, layer.allreduce_dgrad = False, True
+            try:
+                logits, _ = layer(full[keep].unsqueeze(1), weight=weight)
+            finally:
+                layer.sequence_parallel, layer.allreduce_dgrad = True, False
+        loss = self.compute_language_model_loss(labels.t()[keep].unsqueeze(0), logits)
+        return torch.zeros(keep.shape, dtype=loss.dtype, device=loss.device).masked_scatter(
+            keep, loss[0]).t()
+
+
 def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
                 dtype: str = "fp32", pre_process: bool | None = None,
                 post_process: bool | None = None, initialize: bool = True,
                 recompute: str = "none", lora: LoRAConfig | None = None,
                 precision: PrecisionConfig | None = None, attention: str = "auto",
-                experts: str = "grouped") -> GPTModel:
+                experts: str = "grouped") -> PESCGPTModel:
     """One pipeline stage of the PESC GPTModel, frozen except routers, adapters and LoRA.
     With `precision.fp8` (Transformer Engine, GPU only) the base's linears are TE's.
 
@@ -135,7 +169,7 @@ def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    gpt = GPTModel(
+    gpt = PESCGPTModel(
         config=config,
         transformer_layer_spec=get_pesc_block_spec(config),
         vocab_size=model.vocab_size,

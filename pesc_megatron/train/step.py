@@ -65,8 +65,10 @@ def _forward_step(data_iterator, model):
     padding_mask = batch.get("padding_mask")
     if config.pipeline_model_parallel_size > 1 and config.sequence_parallel:
         padding_mask = None
+    # loss_mask: the output layer computes logits at the loss positions only (PESCGPTModel)
     output = model(tokens, position_ids, batch["attention_mask"], labels=batch["labels"],
-                   padding_mask=padding_mask, packed_seq_params=batch["packed_seq_params"])
+                   loss_mask=batch["loss_mask"], padding_mask=padding_mask,
+                   packed_seq_params=batch["packed_seq_params"])
     loss_mask = batch["loss_mask"].float()
 
     def loss_func(per_token_loss):

@@ -61,9 +61,9 @@ def job(tmp_path_factory, single_rank):
 
 @pytest.fixture(scope="module")
 def reference(job):
-    """An uninterrupted EP=2 run of 8 steps with adapter dropout 0.1."""
+    """An uninterrupted EP=2 run of 8 steps with adapter dropout 0.1 (step 3 profiled)."""
     root, _, config = job
-    train(2, config, f"train.out_dir={root / 'ref'}")
+    train(2, config, f"train.out_dir={root / 'ref'}", "train.profile_step=3")
     return root / "ref"
 
 
@@ -204,6 +204,17 @@ def test_metrics_and_tensorboard(reference):
     loads = [tb.Scalars(f"expert_load/layer_01/expert_{e}")[-1].value for e in range(4)]
     assert sum(loads) == pytest.approx(1.0, abs=1e-5)
     assert loads == pytest.approx(train_rows[-1]["expert_load"][0], abs=1e-6)
+
+
+def test_profile_step_writes_a_trace_and_a_table_per_rank(reference):
+    profile = reference / "profile"
+    assert sorted(p.name for p in profile.iterdir()) == [
+        "step3_rank0.json", "step3_rank0.txt", "step3_rank1.json", "step3_rank1.txt"]
+    for rank in (0, 1):
+        table = (profile / f"step3_rank{rank}.txt").read_text()
+        assert table.startswith("step 3: wall ") and "aten::mm" in table
+        trace = json.loads((profile / f"step3_rank{rank}.json").read_text())
+        assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
 
 
 def test_resume_refuses_a_changed_data_order(job, reference):

@@ -343,3 +343,36 @@ def test_grouped_experts_with_dropout_equal_the_sequential_loop(single_rank):
 
     rows = adapter_dropout(torch.ones(2, 4096), 0.1) == 0  # two rows, as for top-2
     assert 0.08 < rows.float().mean() < 0.12 and not torch.equal(rows[0], rows[1])
+
+
+def test_logits_at_loss_positions_only_equal_the_full_output(single_rank):
+    """PESCGPTModel computes the output layer and cross entropy at the loss positions only:
+    the per-token losses there and every trainable gradient equal megatron-core's GPTModel
+    over all positions (float64), and the other positions are 0."""
+    from pesc_megatron.model.builder import build_model
+
+    torch.manual_seed(0)
+    model = build_model(MODEL, PESCConfig(num_experts=E, adapter_dim=8, adapter_dropout=0.0),
+                        ParallelConfig(), dtype="fp64", attention="local")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12)
+    mask[0, :5], mask[1, 9:] = 0, 0  # a prompt; a padding tail
+    position_ids = torch.arange(12).expand(2, 12)
+    results = []
+    for loss_mask in (None, mask):  # None: GPTModel's own postprocess
+        model.zero_grad()
+        loss = model(tokens, position_ids, None, labels=tokens.roll(-1, 1), loss_mask=loss_mask)
+        (loss * mask).sum().backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                        if p.requires_grad}))
+    (full, full_grads), (selected, grads) = results
+    assert selected.shape == full.shape == (2, 12)
+    torch.testing.assert_close(selected, full * mask, rtol=1e-12, atol=1e-12)
+    assert (selected[mask == 0] == 0).all() and len(grads) > 0
+    for name, g in grads.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(g, full_grads[name], rtol=1e-10, atol=1e-12, msg=name)
