@@ -9,10 +9,11 @@ import torch
 from pesc_megatron.config import ConfigError, ParallelConfig, PESCConfig, validate_pesc
 from pesc_megatron.convert import checkpoint
 from pesc_megatron.convert.mapping import expand, read_hf_config, rules_for, to_megatron
+from pesc_megatron.data.tokenizer import HF_TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json", "vocab.json", "merges.txt")
+# Copied into the checkpoint's tokenizer folder: every file of the tokenizer's identity
+# (data/tokenizer.py), and the generation defaults.
+TOKENIZER_FILES = HF_TOKENIZER_FILES + ("generation_config.json",)
 # Tensors some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 

@@ -33,7 +33,7 @@ Segments = list  # list[tuple[list[int], bool]]: (ids, is_target)
 BUILTIN_TEMPLATE_VERSION = 1  # part of a tokenizer's identity: bump when the built-in changes
 ROLES = ("system", "user", "assistant")
 # Files that define an HF tokenizer; their bytes are its identity (model weights are not read).
-_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                        "added_tokens.json", "chat_template.jinja", "chat_template.json",
                        "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model")
 
@@ -86,7 +86,7 @@ class HFTokenizer(Tokenizer):
         self.eos_id = self.tok.eos_token_id
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
         self.vocab_size = len(self.tok)
-        files = [self.path / n for n in _HF_TOKENIZER_FILES if (self.path / n).is_file()]
+        files = [self.path / n for n in HF_TOKENIZER_FILES if (self.path / n).is_file()]
         self.identity = _hash_files(files, f"hf/{BUILTIN_TEMPLATE_VERSION}")
 
     def encode(self, text: str) -> list[int]:

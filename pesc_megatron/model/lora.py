@@ -26,7 +26,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
-from pesc_megatron.model.pesc_layer import adapter_dropout
+from pesc_megatron.model.pesc_layer import dropout_unscaled
 
 # The Hugging Face projections of each megatron-core linear, in the order of its output rows.
 LINEAR_TARGETS = {
@@ -117,27 +117,34 @@ class LoRA(MegatronModule):
             return {"gate_proj": output_size // 2, "up_proj": output_size // 2}
         return {LINEAR_TARGETS[name][0]: output_size}
 
-    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+    def _dropout(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x with dropped elements zeroed, the dropout's rescaling): LoRA is linear in its
+        input, so the rescaling joins `scaling` on the output."""
         if not self.training or self.dropout == 0:
-            return x
+            return x, 1.0
         # x differs over TP ranks (a sequence or hidden shard): TP-rank-specific masks.
         with tensor_parallel.get_cuda_rng_tracker().fork():
-            return adapter_dropout(x, self.dropout)
+            return dropout_unscaled(x, self.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pairs = [getattr(self, p) for p in self.parts]
         if not self.column:
-            h, _ = pairs[0].lora_A(self._dropout(x))
-            return pairs[0].lora_B(h) * self.scaling
+            kept, rescale = self._dropout(x)
+            h, _ = pairs[0].lora_A(kept)
+            return pairs[0].lora_B(h) * (self.scaling * rescale)
         # Each projection draws its own dropout mask, as PEFT's per-module dropout.
-        h = torch.cat([pair.lora_A(self._dropout(x)) for pair in pairs], dim=-1)
+        hs, rescale = [], 1.0
+        for pair in pairs:
+            kept, rescale = self._dropout(x)
+            hs.append(pair.lora_A(kept))
+        h = torch.cat(hs, dim=-1)
         if self.config.sequence_parallel:
             # Backward splits instead of reduce-scattering: B's input gradient is all-reduced
             # over TP inside B, so every rank already holds the full gradient.
             h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
         outs = {p: pair.lora_B(hp)[0] for p, pair, hp in zip(self.parts, pairs,
                                                              h.split(self.rank, dim=-1))}
-        return self._assemble(outs, h) * self.scaling
+        return self._assemble(outs, h) * (self.scaling * rescale)
 
     def _assemble(self, outs: dict, like: torch.Tensor) -> torch.Tensor:
         """The parts' local outputs in the base's local output layout (zeros for parts

@@ -64,18 +64,23 @@ def _torch_linear_init(weight: torch.Tensor) -> None:
     torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
-def adapter_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Training-mode dropout. On CPU the mask comes from 16 random bits per element, half the
-    random draws of F.dropout's bernoulli, whose cost was most of the layer's overhead over the
-    dense FFN (`pesc bench layer`). p is realised to a multiple of 1/65536, and the kept values
-    are scaled by exactly 1/(1 - that p), so the expectation is unchanged."""
-    if x.is_cuda or p == 0.0:
-        return F.dropout(x, p, training=True)
+def dropout_unscaled(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """Training-mode dropout without its rescaling: x with a fraction p of its elements zeroed,
+    and the factor 1 / (1 - p) for the caller to apply where it is cheapest (after the next
+    linear map, on its narrower output: a pass over x fewer, forward and backward). On CPU the
+    mask takes 16 random bits per element, three from each 64-bit draw (`random_()` fills bits
+    0-62), about a third of bernoulli_'s cost; p is realised to a multiple of 1/65536 and the
+    factor is exactly 1 / (1 - that p), so the expectation is unchanged. On CUDA it is
+    F.dropout, already scaled (factor 1)."""
+    if p == 0.0:
+        return x, 1.0
+    if x.is_cuda:
+        return F.dropout(x, p, training=True), 1.0
     threshold = round(p * 65536)
-    words = torch.randint(-2**31, 2**31 - 1, ((x.numel() + 1) // 2,), dtype=torch.int32)
-    bits = words.view(torch.int16)[: x.numel()].view(x.shape)
-    keep = bits >= threshold - 32768
-    return torch.where(keep, x * (65536 / (65536 - threshold)), 0.0)
+    words = torch.empty(-(-x.numel() // 3), dtype=torch.int64, device=x.device).random_()
+    bits = words.view(torch.int16).view(-1, 4)[:, :3]
+    keep = (bits >= threshold - 32768).reshape(-1)[: x.numel()].view(x.shape)
+    return torch.where(keep, x, 0.0), 65536 / (65536 - threshold)
 
 
 class PESCRouter(TopKRouter):
@@ -144,24 +149,30 @@ class PESCAdapterExperts(SequentialMLP):
 
     def forward(self, hidden_states, tokens_per_expert, permuted_probs, **kwargs):
         # Each (token, expert) pair is its own row here, so every expert draws its own mask.
+        scale = 1.0
         if self.training and self.dropout > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork(
                 tensor_parallel.get_expert_parallel_rng_tracker_name()
             ):
-                hidden_states = adapter_dropout(hidden_states, self.dropout)
+                hidden_states, scale = dropout_unscaled(hidden_states, self.dropout)
         if (self.grouped and grouped_mm_runs(hidden_states) and hidden_states.shape[0] > 0
                 and not self.config.moe_apply_probs_on_input):
-            return self._grouped_forward(hidden_states, tokens_per_expert, permuted_probs), None
+            return self._grouped_forward(hidden_states, tokens_per_expert, permuted_probs,
+                                         scale), None
+        if scale != 1.0:
+            hidden_states = hidden_states * scale  # SequentialMLP's own fc1 reads it
         return super().forward(hidden_states, tokens_per_expert, permuted_probs, **kwargs)
 
-    def _grouped_forward(self, x, tokens_per_expert, probs):
+    def _grouped_forward(self, x, tokens_per_expert, probs, scale: float = 1.0):
         """What SequentialMLP computes (megatron-core's MLP with per_token_scale: the routing
-        weight scales the activation before fc2), as two grouped GEMMs."""
+        weight scales the activation before fc2), as two grouped GEMMs. `scale`: the dropout's
+        rescaling of x, applied to the r-wide fc1 output instead."""
         fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, r, H]
         fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, r]
         counts = torch.as_tensor(tokens_per_expert, device=x.device)
         offsets = torch.cumsum(counts, 0).to(torch.int32)
-        h = self.config.activation_func(torch._grouped_mm(x, fc1.transpose(1, 2), offs=offsets))
+        h = torch._grouped_mm(x, fc1.transpose(1, 2), offs=offsets)
+        h = self.config.activation_func(h * scale if scale != 1.0 else h)
         h = (h * probs.unsqueeze(-1)).to(x.dtype)
         return torch._grouped_mm(h, fc2.transpose(1, 2), offs=offsets)
 

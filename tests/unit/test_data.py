@@ -403,3 +403,28 @@ def test_load_tokenizer_kinds(hf, smol_folder, tmp_path):
     assert hf.has_chat_template and hf.encode("Hello world") == [19556, 905]
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "nope")
+
+
+def test_conversion_copies_every_file_of_the_tokenizers_identity(tmp_path):
+    """hf-to-pesc copies every file the tokenizer's identity reads (added_tokens.json and
+    vocab.txt were missing), so the checkpoint's tokenizer is the source's: same identity,
+    same token cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pesc_megatron.convert import checkpoint
+    from pesc_megatron.convert.hf_to_pesc import convert
+    from pesc_megatron.data import load_tokenizer
+    from tests import tiny
+
+    hf = tmp_path / "hf"
+    tiny.make_tokenizer(hf)
+    (hf / "added_tokens.json").write_text("{}")
+    (hf / "vocab.txt").write_text("a vocabulary file a slow tokenizer would read\n")
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, vocab_size=128,
+                                 max_position_embeddings=64)).save_pretrained(hf)
+    out = convert(hf, tmp_path / "base", dict(num_experts=2, topk=2, adapter_dim=4),
+                  dtype="fp32")
+    copied = out / checkpoint.TOKENIZER
+    assert (copied / "added_tokens.json").is_file() and (copied / "vocab.txt").is_file()
+    assert load_tokenizer(copied).identity == load_tokenizer(hf).identity

@@ -116,3 +116,26 @@ def test_bad_lora_settings(lora, message):
 
 def test_rank_16_fits_k_proj():
     validate_lora(LoRAConfig(targets=["k_proj"], rank=16), MODEL)
+
+
+@pytest.mark.parametrize("name", ["linear_qkv", "linear_fc2"])
+def test_lora_dropout_is_unbiased(single_rank, name):
+    """Training-mode LoRA dropout (each projection its own mask, the rescaling applied to the
+    rank-r path's output): the mean update over many draws is the update without dropout."""
+    from pesc_megatron.model.builder import build_model
+
+    torch.manual_seed(0)
+    lora = LoRAConfig(targets=list(LORA_TARGETS), rank=4, alpha=8.0, dropout=0.5)
+    model = build_model(MODEL, PESC, ParallelConfig(), lora=lora)
+    layer = model.decoder.layers[0]
+    linear = {"linear_qkv": layer.self_attention.linear_qkv,
+              "linear_fc2": layer.mlp.shared_experts.linear_fc2}[name]
+    with torch.no_grad():
+        for p in linear.lora.parameters():
+            p.normal_(0, 0.3)
+        x = torch.randn(3, 1, linear.weight.shape[1])
+        want = linear.lora.eval()(x)
+        linear.lora.train()
+        draws = torch.stack([linear.lora(x) for _ in range(4000)])
+    assert not torch.equal(draws[0], draws[1])
+    torch.testing.assert_close(draws.mean(0), want, rtol=0, atol=0.06 * want.abs().max().item())

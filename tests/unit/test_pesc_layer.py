@@ -254,21 +254,24 @@ def test_capacity_factor_drops_tokens(single_rank):
     assert layer.expert_load.max().item() <= math.ceil(64 * 2 / E * 0.5)
 
 
-def test_adapter_dropout_rate_scale_and_gradient():
-    from pesc_megatron.model.pesc_layer import adapter_dropout
+def test_dropout_rate_scale_and_gradient():
+    from pesc_megatron.model.pesc_layer import dropout_unscaled
 
     torch.manual_seed(0)
-    x = torch.ones(512, 999, requires_grad=True)  # odd size: the 16-bit draws need padding
-    y = adapter_dropout(x, 0.1)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.003
-    scale = 65536 / (65536 - round(0.1 * 65536))
-    assert torch.equal(y[kept], torch.full_like(y[kept], scale))
+    x = torch.ones(512, 1001, requires_grad=True)  # not a multiple of 3: padded 16-bit draws
+    kept, scale = dropout_unscaled(x, 0.1)
+    y = kept * scale
+    assert scale == 65536 / (65536 - round(0.1 * 65536))
+    mask = y != 0
+    assert abs(mask.float().mean().item() - 0.9) < 0.003
+    for word in range(3):  # the three 16-bit words of each 64-bit draw
+        assert abs(mask.view(-1)[word:-1:3].float().mean().item() - 0.9) < 0.005
+    assert torch.equal(y[mask], torch.full_like(y[mask], scale))
     y.sum().backward()
-    assert torch.equal(x.grad, kept.float() * scale)
+    assert torch.equal(x.grad, mask.float() * scale)
     torch.manual_seed(0)
-    assert torch.equal(adapter_dropout(x.detach(), 0.1), y.detach())  # seeded
-    assert torch.equal(adapter_dropout(x.detach(), 0.0), x.detach())
+    assert torch.equal(dropout_unscaled(x.detach(), 0.1)[0] * scale, y.detach())  # seeded
+    assert dropout_unscaled(x, 0.0) == (x, 1.0)
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
@@ -339,9 +342,9 @@ def test_grouped_experts_with_dropout_equal_the_sequential_loop(single_rank):
     torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-7)
     for a, b in zip(p1, p2):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    from pesc_megatron.model.pesc_layer import adapter_dropout
+    from pesc_megatron.model.pesc_layer import dropout_unscaled
 
-    rows = adapter_dropout(torch.ones(2, 4096), 0.1) == 0  # two rows, as for top-2
+    rows = dropout_unscaled(torch.ones(2, 4096), 0.1)[0] == 0  # two rows, as for top-2
     assert 0.08 < rows.float().mean() < 0.12 and not torch.equal(rows[0], rows[1])
 
 
