@@ -140,6 +140,11 @@ def validate_pesc(p: PESCConfig) -> None:
         bad("adapter_dropout", "must be in [0, 1)")
     if p.routing not in ROUTINGS:
         bad("routing", f"must be one of {', '.join(ROUTINGS)}")
+    if p.topk == 1 and (p.routing != "softmax_topk" or p.renormalize):
+        # a softmax over the one chosen logit, or one renormalised weight, is always 1: the
+        # router would get no gradient (megatron-core refuses it too)
+        bad("topk", "needs routing=softmax_topk and renormalize=false (a single expert's "
+            "weight would otherwise always be 1)")
     if p.adapter_activation not in ACTIVATIONS:
         bad("adapter_activation", f"must be one of {', '.join(ACTIVATIONS)}")
     if p.dispatcher not in DISPATCHERS:

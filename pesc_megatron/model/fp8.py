@@ -107,7 +107,8 @@ def calibration_batch(vocab_size: int, seq_length: int) -> dict:
     tokens = torch.randint(vocab_size, (1, seq_length),
                            generator=torch.Generator().manual_seed(0))
     return {"tokens": tokens, "labels": tokens.roll(-1, 1),
-            "loss_mask": torch.zeros(1, seq_length),
+            # every position: the output layer sees only the loss positions (PESCGPTModel)
+            "loss_mask": torch.ones(1, seq_length),
             "position_ids": torch.arange(seq_length).view(1, -1),
             "padding_mask": torch.zeros(1, seq_length, dtype=torch.bool)}
 

@@ -27,6 +27,7 @@ MODEL = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
     (dict(tp=2, sequence_parallel=False), {}, None, "needs sequence parallelism"),
     ({}, dict(topk=9, num_experts=8), None, "pesc.topk=9: must be between 1 and num_experts=8"),
     ({}, dict(routing="sigmoid"), None, "pesc.routing='sigmoid'"),
+    ({}, dict(topk=1), None, "pesc.topk=1: needs routing=softmax_topk and renormalize=false"),
     (dict(tp=0), {}, None, "parallel.tp=0: must be >= 1"),
 ])
 def test_layout_errors(parallel, pesc, world, message):
@@ -54,6 +55,7 @@ def test_unknown_and_mistyped_options():
     assert from_dict(PESCConfig, {"adapter_scaling": 1}, "pesc.").adapter_scaling == 1.0
 
 
+@pytest.mark.multiprocess
 def test_cli_reports_bad_layout_in_one_line_before_any_work():
     run = subprocess.run([sys.executable, "-m", "pesc_megatron.cli", "demo", "--experts", "8",
                           "--topk", "9"], capture_output=True, text=True, timeout=300)
@@ -62,6 +64,7 @@ def test_cli_reports_bad_layout_in_one_line_before_any_work():
         "pesc demo: error: pesc.topk=9: must be between 1 and num_experts=8")
 
 
+@pytest.mark.multiprocess
 def test_cli_help():
     run = subprocess.run([sys.executable, "-m", "pesc_megatron.cli", "--help"],
                          capture_output=True, text=True, timeout=300)
