@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pesc-installed
 
-.PHONY: quickstart test install
+.PHONY: quickstart test test-fast install
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,7 @@ quickstart: $(STAMP)
 # pytest exits 5 when it collects no tests: that is not a failure of the suite.
 test: $(STAMP)
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+# The in-process tests only (no torchrun, no subprocess): the fast loop while editing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not multiprocess"; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi

@@ -16,6 +16,8 @@ for _name in ("torchao", "torch.utils._pytree"):
 def register_auto_classes() -> None:
     """AutoConfig / AutoModelForCausalLM resolve `model_type: camelidae` to this package's
     classes (idempotent; needs transformers)."""
+    # Local on purpose: hf_modeling imports transformers, which the package does not import
+    # until a command needs it (see above).
     from pesc_megatron.convert.hf_modeling import register_auto_classes as register
 
     register()

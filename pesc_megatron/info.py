@@ -20,14 +20,13 @@ from pesc_megatron.config import (
     validate_lora,
     validate_pesc,
 )
+from pesc_megatron.convert import checkpoint
+from pesc_megatron.convert.mapping import read_hf_config
 from pesc_megatron.model.size import PRESETS, count_parameters
 
 
 def read_source(source: str):
     """(model, pesc, lora) of any SOURCE the command accepts."""
-    from pesc_megatron.convert import checkpoint
-    from pesc_megatron.convert.mapping import read_hf_config
-
     if source in PRESETS:
         return PRESETS[source], PESCConfig(), LoRAConfig()
     path = Path(source)

@@ -36,6 +36,7 @@ from pesc_megatron.config import (
     validate_lora,
     validate_pesc,
 )
+from pesc_megatron.info import read_source
 
 GiB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -413,8 +414,6 @@ def _parse(argv):
 
 
 def _job(args) -> Job:
-    from pesc_megatron.info import read_source
-
     model, pesc, lora = read_source(args.model)
     pesc = dataclasses.replace(pesc, **{k: getattr(args, k) for k in
                                         ("num_experts", "topk", "adapter_dim")

@@ -1,7 +1,18 @@
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
+
+PARALLEL = Path(__file__).parent / "parallel"
+
+
+def pytest_collection_modifyitems(items):
+    """Every test under tests/parallel starts processes (torchrun, torch.multiprocessing):
+    marked `multiprocess`, as are the unit tests that run a CLI in a subprocess."""
+    for item in items:
+        if PARALLEL in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.multiprocess)
 
 
 @pytest.fixture(scope="session")

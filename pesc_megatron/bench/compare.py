@@ -39,6 +39,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pesc_megatron.atomic import atomic_path
+from pesc_megatron.config import ConfigError, LoRAConfig, ParallelConfig, PESCConfig
+from pesc_megatron.convert import checkpoint as pesc_checkpoint
+from pesc_megatron.model.attention import resolve_attention
+from pesc_megatron.model.builder import build_model, transformer_config
+from pesc_megatron.model.size import PRESETS, count_parameters
+from pesc_megatron.model.spec import core_attention
+from pesc_megatron.runtime import distributed
+
 VARIANTS = ("dense_full", "dense_frozen", "pesc", "pesc_lora", "upcycle", "reference", "train")
 WITH_ATTENTION = ("pesc", "pesc_lora", "train")
 ALL_LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -90,8 +99,6 @@ def _moe_config(model, experts: int, topk: int):
     experts, no shared FFN) or, with experts=0, the dense model's."""
     import dataclasses
 
-    from pesc_megatron.config import ParallelConfig, PESCConfig
-    from pesc_megatron.model.builder import transformer_config
 
     cfg = transformer_config(model, PESCConfig(num_experts=max(experts, 2), topk=topk),
                              ParallelConfig())
@@ -114,8 +121,6 @@ def _local_spec(attention: str, **kwargs):
     use the same attention as PESC, so that the rows differ in the MLP only)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from pesc_megatron.model.attention import resolve_attention
-    from pesc_megatron.model.spec import core_attention
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", **kwargs)
     spec.submodules.self_attention.submodules.core_attention = core_attention(
@@ -129,9 +134,6 @@ def _dense_gpt(model, attention: str = "auto"):
 
 def _build(spec: dict):
     """(model, forward(tokens, labels) -> loss) for one variant."""
-    from pesc_megatron.config import LoRAConfig, ParallelConfig, PESCConfig
-    from pesc_megatron.model.builder import build_model
-
     model_cfg = spec["model_cfg"]
     kind, e, k, r = spec["variant"], spec["experts"], spec["topk"], spec["adapter_dim"]
     attention = spec.get("attention") or "auto"
@@ -247,8 +249,6 @@ def measure_train(spec: dict) -> dict:
 
     import yaml
 
-    from pesc_megatron.convert import checkpoint as pesc_checkpoint
-    from pesc_megatron.model.size import count_parameters
 
     steps = spec["warmup"] + spec["steps"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -296,9 +296,6 @@ def measure(spec: dict) -> dict:
     if spec["variant"] == "train":
         return measure_train(spec)
 
-    from pesc_megatron.config import ParallelConfig
-    from pesc_megatron.model.size import PRESETS
-    from pesc_megatron.runtime import distributed
 
     distributed.initialize(ParallelConfig(), seed=spec["seed"])
     model_cfg = PRESETS[spec["model"]]
@@ -464,10 +461,9 @@ def _plot_scaling(rows: list[dict], out: Path) -> list[str]:
         fig.suptitle(f"PESC vs full sparse upcycling: {series[0]['layers']} layers, "
                      + ("top-2, adapter 64" if key == "experts" else "8 experts, top-2"))
         fig.tight_layout()
-        tmp = out / f".{fname}.tmp.png"
-        fig.savefig(tmp, dpi=110)
+        with atomic_path(out / fname) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
-        os.replace(tmp, out / fname)
         written.append(str(out / fname))
     return written
 
@@ -479,8 +475,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import megatron.core
 
-    from pesc_megatron.config import ConfigError
-    from pesc_megatron.model.size import PRESETS
 
     if a.model not in PRESETS:
         raise ConfigError(f"--model {a.model!r}: use one of {', '.join(PRESETS)}")

@@ -19,6 +19,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
+from pesc_megatron.model.builder import DTYPES, is_trainable, transformer_config
+from pesc_megatron.model.spec import pesc_mlp_spec
+from pesc_megatron.runtime import distributed
+
 
 
 def _parse(argv):
@@ -46,9 +51,6 @@ def _build_layer(a):
     """One PESCMoELayer, frozen as `builder.freeze_base` freezes it inside a GPTModel."""
     from megatron.core.transformer.spec_utils import build_module
 
-    from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
-    from pesc_megatron.model.builder import is_trainable, transformer_config
-    from pesc_megatron.model.spec import pesc_mlp_spec
 
     model = ModelConfig(hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=1,
                         num_attention_heads=1)
@@ -88,14 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     import megatron.core
 
-    from pesc_megatron.config import ParallelConfig
-    from pesc_megatron.runtime import distributed
 
     owns_dist = not dist.is_initialized()
     distributed.initialize(ParallelConfig(), seed=a.seed)
     try:
         layer = _build_layer(a)
-        from pesc_megatron.model.builder import DTYPES
 
         dtype = DTYPES[a.dtype]
         gen = torch.Generator().manual_seed(a.seed)

@@ -33,10 +33,15 @@ from pesc_megatron.config import (
     ConfigError,
     LoRAConfig,
     ModelConfig,
+    ParallelConfig,
     PESCConfig,
 )
+from pesc_megatron.data import collate
+from pesc_megatron.model.builder import build_model
 from pesc_megatron.model.size import PRESETS
 from pesc_megatron.plan import Job, Layout, stage_memory
+from pesc_megatron.runtime.distributed import destroy, initialize
+from pesc_megatron.train.step import run_schedule, wrap_ddp
 
 MiB = 2**20
 SMOLLM2 = PRESETS["smollm2-135m"]
@@ -90,7 +95,6 @@ def _micro_batches(job: Job, count: int, seed: int) -> list[dict]:
     pipeline collates them."""
     import torch
 
-    from pesc_megatron.data import collate
 
     g = torch.Generator().manual_seed(seed)
     b, s = job.micro_batch, job.seq
@@ -112,10 +116,6 @@ def _run_rank(name: str, steps: int, threads: int) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from pesc_megatron.config import ParallelConfig
-    from pesc_megatron.model.builder import build_model
-    from pesc_megatron.runtime.distributed import destroy, initialize
-    from pesc_megatron.train.step import run_schedule, wrap_ddp
 
     torch.set_num_threads(threads)
     job, lay = CASES[name]

@@ -39,6 +39,10 @@ from pesc_megatron.config import (
     from_dict,
     validate_layout,
 )
+from pesc_megatron.model.builder import build_model, is_trainable
+from pesc_megatron.model.fp8 import calibration_batch, convert_frozen_weights
+from pesc_megatron.runtime.distributed import is_rank0
+from pesc_megatron.train.step import forward_only
 
 FORMAT = "pesc-megatron/1"
 TRAIN_FORMAT = "pesc-megatron-train/1"
@@ -142,10 +146,6 @@ def staged(out: Path):
         raise
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -176,20 +176,20 @@ def save_sharded(out: Path, sharded_state: dict, write_files: Callable[[Path], N
     """Called on every rank: `sharded_state` through dist_checkpointing into `WEIGHTS`, then rank
     0's `write_files(folder)`, all in a fresh hidden folder beside `out` that becomes `out` only
     when complete (an old `out` is replaced at that moment); removed if anything fails."""
-    name = [str(_new_partial(out)) if _rank0() else None]
+    name = [str(_new_partial(out)) if is_rank0() else None]
     if dist.is_initialized():
         dist.broadcast_object_list(name, src=0)
     partial = Path(name[0])
     try:
-        if _rank0():
+        if is_rank0():
             (partial / WEIGHTS).mkdir()
         _barrier()
         dist_checkpointing.save(sharded_state, str(partial / WEIGHTS))
-        if _rank0():
+        if is_rank0():
             write_files(partial)
             publish(partial, out)
     except BaseException:
-        if _rank0():
+        if is_rank0():
             shutil.rmtree(partial, ignore_errors=True)
         raise
     _barrier()
@@ -198,8 +198,6 @@ def save_sharded(out: Path, sharded_state: dict, write_files: Callable[[Path], N
 def trainable_sharded_state_dict(model, with_lora: bool = True) -> dict:
     """The router, adapter and (`with_lora`) LoRA entries of `model.sharded_state_dict()`
     (what training changes)."""
-    from pesc_megatron.model.builder import is_trainable
-
     return {k: v for k, v in model.sharded_state_dict().items()
             if is_trainable("." + k) and not k.endswith("_extra_state")
             and (with_lora or not _is_lora(k))}
@@ -222,8 +220,6 @@ def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
     settings. `precision`: `frozen_weights="fp8"` stores the frozen weights in FP8 once loaded
     (model/fp8.py); `fp8` builds with Transformer Engine's linears (GPU). `build_options` go to
     `build_model`."""
-    from pesc_megatron.model.builder import build_model
-
     ckpt = Path(ckpt)
     info = read_info(ckpt)
     if pesc_overrides:
@@ -262,9 +258,6 @@ def convert_to_fp8(model, info: CheckpointInfo, parallel: ParallelConfig,
                    precision: PrecisionConfig) -> None:
     """`precision.frozen_weights=fp8` on a loaded model; its calibration pass (which columns
     of the output layer stay in high precision) is one forward of 256 tokens, every rank."""
-    from pesc_megatron.model.fp8 import calibration_batch, convert_frozen_weights
-    from pesc_megatron.train.step import forward_only
-
     seq = -(-256 // parallel.tp) * parallel.tp  # sequence parallelism splits it over TP
     batch = calibration_batch(info.model.vocab_size, seq)
     convert_frozen_weights(model, precision.fp8_matmul, precision.fp8_output_layer,

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from pesc_megatron.convert.hf_to_pesc import convert
+from pesc_megatron.convert.pesc_to_hf import export
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pesc convert",
@@ -37,15 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.direction == "hf-to-pesc":
-        from pesc_megatron.convert.hf_to_pesc import convert
-
         pesc = {k: getattr(args, k) for k in ("num_experts", "topk", "adapter_dim",
                                               "adapter_scaling", "adapter_dropout", "routing",
                                               "renormalize") if getattr(args, k) is not None}
         out = convert(args.hf, args.out, pesc, dtype=args.dtype, force=args.force)
     else:
-        from pesc_megatron.convert.pesc_to_hf import export
-
         out = export(args.ckpt, args.out, fmt=args.format, force=args.force,
                      max_shard_gb=args.max_shard_gb, merge=args.merge_lora)
     print(f"wrote {out}")

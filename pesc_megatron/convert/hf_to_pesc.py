@@ -10,6 +10,8 @@ from pesc_megatron.config import ConfigError, ParallelConfig, PESCConfig, valida
 from pesc_megatron.convert import checkpoint
 from pesc_megatron.convert.mapping import expand, read_hf_config, rules_for, to_megatron
 from pesc_megatron.data.tokenizer import HF_TOKENIZER_FILES
+from pesc_megatron.model.builder import build_model
+from pesc_megatron.runtime.distributed import initialize
 
 # Copied into the checkpoint's tokenizer folder: every file of the tokenizer's identity
 # (data/tokenizer.py), and the generation defaults.
@@ -80,9 +82,6 @@ def convert(hf_dir: str | Path, out: str | Path, pesc: dict | None = None, dtype
 
     `pesc` holds PESCConfig fields for crafting a dense model; a Camelidae checkpoint brings
     its own settings, router and adapters, and must not be given any."""
-    from pesc_megatron.model.builder import build_model
-    from pesc_megatron.runtime.distributed import initialize
-
     hf_dir, out = Path(hf_dir), Path(out)
     checkpoint.check_out(out, force, source=hf_dir)
     config_path = hf_dir / "config.json"

@@ -12,6 +12,7 @@ from pesc_megatron.config import ConfigError, ParallelConfig
 from pesc_megatron.convert import checkpoint
 from pesc_megatron.convert.mapping import expand, lora_pairs, rules_for, to_hf
 from pesc_megatron.model.builder import DTYPES
+from pesc_megatron.runtime.distributed import initialize
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
 MODELING_FILES = ("configuration_camelidae.py", "modeling_camelidae.py")
@@ -93,8 +94,6 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: boo
     """Writes `out` atomically (a `.partial` folder renamed at the end). Single process.
     LoRA, if the checkpoint has it, is merged into the base weights, or with `merge=False`
     written beside them as a PEFT adapter in `out/lora/`."""
-    from pesc_megatron.runtime.distributed import initialize
-
     ckpt, out = Path(ckpt), Path(out)
     if fmt not in ("camelidae", "dense"):
         raise ConfigError(f"--format {fmt!r}: use camelidae or dense")

@@ -42,7 +42,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -50,6 +49,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from pesc_megatron.atomic import atomic_path
 from pesc_megatron.data.formats import FORMAT_VERSION, DataError, render_record
 from pesc_megatron.data.tokenizer import Tokenizer
 
@@ -156,14 +156,8 @@ def save_tokens(ft: FileTokens, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     meta = json.dumps({"records": ft.records, "empty_target": ft.empty_target,
                        "skipped": ft.skipped})
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, ids=ft.ids, mask=ft.mask, offsets=ft.offsets, meta=np.array(meta))
-        os.replace(tmp, target)  # atomic: readers see no file or the whole file
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:  # readers: no file or all of it
+        np.savez(f, ids=ft.ids, mask=ft.mask, offsets=ft.offsets, meta=np.array(meta))
 
 
 def load_tokens(source: Path) -> FileTokens:

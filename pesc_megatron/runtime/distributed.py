@@ -62,3 +62,13 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
+
+def is_rank0() -> bool:
+    """Global rank 0 (or no process group: a single process)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def say(*args) -> None:
+    """print() on global rank 0 only, flushed (every rank runs the same code)."""
+    if is_rank0():
+        print(*args, flush=True)

@@ -11,7 +11,6 @@ a resume draws the same dropout masks as an uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -19,6 +18,7 @@ from typing import Optional
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from pesc_megatron import atomic
 from pesc_megatron.convert.checkpoint import (
     LATEST,
     TRAIN_FORMAT,
@@ -76,9 +76,7 @@ def save(checkpoints: Path, iteration: int, model, optimizer, train_state: dict,
     save_sharded(target, _sharded_state(model, optimizer), lambda folder: (
         folder / TRAIN_META).write_text(json.dumps(state, indent=2) + "\n"))
     if rank0:
-        tmp = checkpoints / f".{LATEST}.tmp"
-        tmp.write_text(target.name + "\n")
-        os.replace(tmp, checkpoints / LATEST)
+        atomic.write_text(checkpoints / LATEST, target.name + "\n")
         # Keep the newest keep_last up to this one; never touch later (abandoned) ones.
         earlier = sorted(p for p in checkpoints.glob("iter_*")
                          if _iteration(p) is not None and _iteration(p) <= iteration)

@@ -27,9 +27,11 @@ from pesc_megatron.config import (
     validate_layout,
     validate_precision,
 )
-from pesc_megatron.data import collate
+from pesc_megatron.convert import checkpoint
+from pesc_megatron.data import build_dataset, collate, load_tokenizer
 from pesc_megatron.model.attention import resolve_attention
-from pesc_megatron.runtime.distributed import destroy, device, initialize
+from pesc_megatron.model.fp8 import describe_frozen
+from pesc_megatron.runtime.distributed import destroy, device, initialize, say
 from pesc_megatron.train.step import forward_only
 
 
@@ -102,10 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{key}", type=int, default=1)
     args = ap.parse_args(argv)
 
-    from pesc_megatron.convert import checkpoint
-    from pesc_megatron.data import build_dataset, load_tokenizer
-    from pesc_megatron.model.fp8 import describe_frozen
-    from pesc_megatron.train.loop import say
 
     par = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
     if par.sequence_parallel and args.seq_length % par.tp:

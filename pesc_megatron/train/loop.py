@@ -24,6 +24,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from pesc_megatron import atomic
 from pesc_megatron.config import (
     ConfigError,
     JobConfig,
@@ -40,7 +41,7 @@ from pesc_megatron.data import DataError, build_dataset, collate, load_tokenizer
 from pesc_megatron.model.attention import resolve_attention
 from pesc_megatron.model.fp8 import describe_frozen
 from pesc_megatron.model.size import count_parameters
-from pesc_megatron.runtime.distributed import destroy, initialize, set_seed
+from pesc_megatron.runtime.distributed import destroy, initialize, is_rank0, say, set_seed
 from pesc_megatron.train import checkpoint as train_checkpoint
 from pesc_megatron.train.evaluate import evaluate, last_stage_sum
 from pesc_megatron.train.metrics import load_imbalance, pop_expert_load, pop_router_losses
@@ -49,15 +50,6 @@ from pesc_megatron.train.step import run_schedule, wrap_ddp
 
 # megatron-core's names for our schedules (warmup is linear from 0 in all of them).
 DECAY_STYLE = {"constant_with_warmup": "constant", "cosine": "cosine", "linear": "linear"}
-
-
-def _rank0() -> bool:
-    return dist.get_rank() == 0
-
-
-def say(*args) -> None:
-    if _rank0():
-        print(*args, flush=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -71,7 +63,7 @@ def build_data(files: list, tokenizer, job: JobConfig, cache_dir: Path, packing:
     kwargs = dict(seq_length=d.seq_length, packing=packing, cache_dir=cache_dir,
                   on_error=d.on_error, overlong=d.overlong, seed=job.train.seed)
     error, dataset = [None], None
-    if _rank0():
+    if is_rank0():
         try:
             dataset = build_dataset(specs, tokenizer, builder=True, **kwargs)
         except DataError as e:
@@ -127,14 +119,12 @@ class Logger:
     def __init__(self, out_dir: Path, start_step: int):
         self.path = out_dir / "metrics.jsonl"
         self.tb = None
-        if _rank0():
+        if is_rank0():
             out_dir.mkdir(parents=True, exist_ok=True)
             if self.path.exists():  # drop rows a killed run wrote after its last checkpoint
                 rows = [line for line in self.path.read_text().splitlines()
                         if _step_of(line) is not None and _step_of(line) <= start_step]
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text("".join(r + "\n" for r in rows))
-                os.replace(tmp, self.path)
+                atomic.write_text(self.path, "".join(r + "\n" for r in rows))
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -145,7 +135,7 @@ class Logger:
     def write(self, row: dict, layer_load: torch.Tensor | None = None) -> None:
         """Appends `row`; `layer_load` ([layers, experts] tokens routed in the interval, as
         counts or shares) adds each layer's per-expert shares as `expert_load`."""
-        if not _rank0():
+        if not is_rank0():
             return
         shares = None
         if layer_load is not None:

@@ -38,6 +38,7 @@ def copy(hf, tmp_path):
     return shutil.copytree(hf, tmp_path / "hf")
 
 
+@pytest.mark.multiprocess
 def test_missing_shard(hf, tmp_path):
     src = copy(hf, tmp_path)
     (src / "model-00002-of-00003.safetensors").unlink()
@@ -46,6 +47,7 @@ def test_missing_shard(hf, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.multiprocess
 def test_truncated_shard(hf, tmp_path):
     src = copy(hf, tmp_path)
     shard = src / "model-00003-of-00003.safetensors"
@@ -55,6 +57,7 @@ def test_truncated_shard(hf, tmp_path):
     assert not list(tmp_path.glob("out*"))
 
 
+@pytest.mark.multiprocess
 def test_unsupported_architecture(hf, tmp_path):
     src = copy(hf, tmp_path)
     cfg = json.loads((src / "config.json").read_text())
@@ -64,6 +67,7 @@ def test_unsupported_architecture(hf, tmp_path):
     assert_fails(run, "architecture 'GPT2LMHeadModel'", "is not supported")
 
 
+@pytest.mark.multiprocess
 def test_existing_out_is_refused_unless_forced(hf, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -78,12 +82,14 @@ def test_existing_out_is_refused_unless_forced(hf, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .partial / .old left
 
 
+@pytest.mark.multiprocess
 def test_out_must_not_be_the_input(hf, tmp_path):
     src = copy(hf, tmp_path)
     assert_fails(pesc("hf-to-pesc", "--hf", src, "--out", src, "--force"), "is the input itself")
     assert (src / "config.json").is_file()
 
 
+@pytest.mark.multiprocess
 def test_camelidae_adapter_shapes_must_match_config(hf, tmp_path, single_rank):
     from pesc_megatron.convert.hf_to_pesc import convert
     from pesc_megatron.convert.pesc_to_hf import export

@@ -117,6 +117,7 @@ SUBPROCESS = textwrap.dedent(
 )
 
 
+@pytest.mark.multiprocess
 def test_save_and_load_with_remote_code(tmp_path):
     model = tiny_camelidae()
     export = tmp_path / "export"

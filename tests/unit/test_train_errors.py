@@ -98,6 +98,7 @@ def test_attention_this_machine_cannot_run_is_one_line(setup, capsys):
     assert rc == 2 and "--attention=te: not available on this machine" in line
 
 
+@pytest.mark.multiprocess
 def test_data_errors_stop_the_run(setup):
     """A missing file, malformed JSON, and records with no trainable token: three real runs
     (launched together to share the start-up time)."""
