@@ -4,14 +4,6 @@ Importing the package does not import transformers: every rank of every command 
 for it (1-2 s of CPU each), and only conversion and export need it."""
 __version__ = "0.1.0"
 
-import logging
-
-# torchao (our FP8 base) logs on CPU builds that its CUDA-only kernels do not load, and torch
-# that torchao registers enums the old way. Both are expected and would otherwise open every
-# command's output.
-for _name in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
-
 
 def register_auto_classes() -> None:
     """AutoConfig / AutoModelForCausalLM resolve `model_type: camelidae` to this package's

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -21,17 +22,27 @@ COMMANDS = {
 }
 BENCHES = {"compare": "pesc_megatron.bench.compare", "layer": "pesc_megatron.bench.layer",
            "memory": "pesc_megatron.bench.memory"}
-# megatron-core's notices about optional packages and its own deprecations, repeated by every
-# rank at import: silenced here (the README lists what runs without TE and apex).
+# megatron-core's (and torch's) notices about optional packages and their own deprecations,
+# repeated by every rank at import: silenced here and in the test suite (tests/conftest.py);
+# the README lists what runs without TE and apex. Message regexes, matched at the start.
 KNOWN_NOISE = (r"Apex is not installed", r"Transformer Engine and Apex are not installed",
                r"Please use DTensor instead", r"`load_state_dict` is deprecated",
-               r"full scope is deprecated", r"`torch.distributed.\w+` is deprecated")
-
+               r"full scope is deprecated", r"`torch.distributed.\w+` is deprecated",
+               r"If you are using transformer_engine as the transformer implementation",
+               r"MLP requires ffn_hidden_size", r"Warning: tp_group is None",
+               r"`torch.jit.script_method` is deprecated",
+               r"The following imports from `dynamic_context.py`",
+               r"The 'megatron.core.transformer.custom_layers.transformer_engine'")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     for message in KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message)
+    # torchao (our FP8 base) logs on CPU builds that its CUDA-only kernels do not load, and
+    # torch that torchao registers enums the old way: expected, and they would open every
+    # command's output. (The package itself leaves logging alone: a library must.)
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(
         prog="pesc", description="PESC on megatron-core: craft dense LLMs into mixture-of-"
         "adapter-experts models and tune them. `pesc COMMAND --help` for each command.")

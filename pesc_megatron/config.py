@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 
@@ -435,7 +436,7 @@ def load_job(path: str, overrides: list[str] = ()) -> JobConfig:
     import yaml
 
     try:
-        text = open(path).read()
+        text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
     try:

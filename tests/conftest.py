@@ -7,6 +7,15 @@ import pytest
 PARALLEL = Path(__file__).parent / "parallel"
 
 
+def pytest_configure(config):
+    """Only the third-party notices the CLI silences too (pesc_megatron.cli.KNOWN_NOISE, each
+    explained there); any other warning shows in the summary."""
+    from pesc_megatron.cli import KNOWN_NOISE
+
+    for message in KNOWN_NOISE:  # ':' separates the fields of a pytest filter: '.' matches it
+        config.addinivalue_line("filterwarnings", f"ignore:{message.replace(':', '.')}")
+
+
 def pytest_collection_modifyitems(items):
     """Every test under tests/parallel starts processes (torchrun, torch.multiprocessing):
     marked `multiprocess`, as are the unit tests that run a CLI in a subprocess."""

@@ -64,7 +64,7 @@ def _replicated(in_features: int, out_features: int, config, init) -> torch.nn.L
 class LoRAPair(MegatronModule):
     """One projection's A (`lora_A`) and B (`lora_B`); their layout depends on the base's."""
 
-    def __init__(self, config, in_features: int, out_features: int, column: bool):
+    def __init__(self, config, in_features: int, out_features: int, column: bool, tp_group):
         super().__init__(config)
         r = config.pesc_lora_rank
         zeros = torch.nn.init.zeros_
@@ -73,12 +73,12 @@ class LoRAPair(MegatronModule):
             # Its input is the gathered full sequence: no sequence parallelism inside B.
             self.lora_B = ColumnParallelLinear(
                 r, out_features, config=_lora_config(config, False), init_method=zeros,
-                bias=False, gather_output=False)
+                bias=False, gather_output=False, tp_group=tp_group)
         else:
             self.lora_A = RowParallelLinear(
                 in_features, r, config=_lora_config(config, config.sequence_parallel),
                 init_method=_uniform_init(in_features), bias=False, input_is_parallel=True,
-                skip_bias_add=True)
+                skip_bias_add=True, tp_group=tp_group)
             self.lora_B = _replicated(r, out_features, config, zeros)
 
 
@@ -87,8 +87,9 @@ class LoRA(MegatronModule):
     targeted projections among its parts; `forward(x)` is the update of the base's local
     output for the base's input x."""
 
-    def __init__(self, config, name: str, input_size: int, output_size: int):
+    def __init__(self, config, name: str, input_size: int, output_size: int, tp_group):
         super().__init__(config)
+        self.tp_group = tp_group  # the base linear's
         self.column = name in ("linear_qkv", "linear_fc1")
         self.name = name
         self.scaling = config.pesc_lora_alpha / config.pesc_lora_rank
@@ -97,7 +98,8 @@ class LoRA(MegatronModule):
         sizes = self._part_sizes(config, name, input_size, output_size)
         self.parts = [t for t in LINEAR_TARGETS[name] if t in config.pesc_lora_targets]
         for part in self.parts:
-            self.add_module(part, LoRAPair(config, input_size, sizes[part], self.column))
+            self.add_module(part, LoRAPair(config, input_size, sizes[part], self.column,
+                                           tp_group))
         if name == "linear_qkv":
             tp = config.tensor_model_parallel_size
             self.local_groups = config.num_query_groups // tp
@@ -141,7 +143,8 @@ class LoRA(MegatronModule):
         if self.config.sequence_parallel:
             # Backward splits instead of reduce-scattering: B's input gradient is all-reduced
             # over TP inside B, so every rank already holds the full gradient.
-            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
+            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False,
+                                                     group=self.tp_group)
         outs = {p: pair.lora_B(hp)[0] for p, pair, hp in zip(self.parts, pairs,
                                                              h.split(self.rank, dim=-1))}
         return self._assemble(outs, h) * (self.scaling * rescale)
@@ -167,7 +170,7 @@ def _with_lora(base_cls, name: str):
         def __init__(self, input_size, output_size, *, config, **kwargs):
             super().__init__(input_size, output_size, config=config, **kwargs)
             assert not getattr(self, "gather_output", False)
-            self.lora = LoRA(config, name, input_size, output_size)
+            self.lora = LoRA(config, name, input_size, output_size, self.tp_group)
 
         def forward(self, input_, *args, **kwargs):
             output, bias = super().forward(input_, *args, **kwargs)
