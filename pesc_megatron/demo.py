@@ -11,13 +11,19 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig, validate_layout
+from pesc_megatron.config import (
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    PESCConfig,
+    validate_layout,
+)
 from pesc_megatron.model.builder import build_model
 from pesc_megatron.runtime.distributed import destroy, device, initialize
 from pesc_megatron.train.evaluate import last_stage_sum
 from pesc_megatron.train.metrics import load_imbalance, pop_expert_load, pop_router_losses
+from pesc_megatron.train.optim import build_optimizer
 from pesc_megatron.train.step import forward_backward, wrap_ddp
 
 MODEL = ModelConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
@@ -95,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Train routers and adapters only.
     ddp = wrap_ddp(model)
-    opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, clip_grad=0.0,
-                        adam_beta2=0.999), [ddp])
+    opt = build_optimizer(ddp, OptimConfig(lr=args.lr, clip_grad=0.0))
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     history = []
     data = synthetic_batches(args.steps, args.micro_batches * dp, args.seq, MODEL.vocab_size, 7)

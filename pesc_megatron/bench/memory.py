@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pesc_megatron.config import (
     ConfigError,
     LoRAConfig,
     ModelConfig,
+    OptimConfig,
     ParallelConfig,
     PESCConfig,
 )
@@ -40,7 +40,8 @@ from pesc_megatron.data import collate
 from pesc_megatron.model.builder import build_model
 from pesc_megatron.model.size import PRESETS
 from pesc_megatron.plan import Job, Layout, stage_memory
-from pesc_megatron.runtime.distributed import destroy, initialize
+from pesc_megatron.runtime.distributed import destroy, free_port, initialize
+from pesc_megatron.train.optim import build_optimizer
 from pesc_megatron.train.step import run_schedule, wrap_ddp
 
 MiB = 2**20
@@ -114,8 +115,6 @@ def _run_rank(name: str, steps: int, threads: int) -> dict:
 
     import torch
     from megatron.core import parallel_state as ps
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
 
     torch.set_num_threads(threads)
     job, lay = CASES[name]
@@ -130,9 +129,8 @@ def _run_rank(name: str, steps: int, threads: int) -> dict:
             if param.requires_grad and not param.any():
                 param.normal_(0, 0.02)
     ddp = wrap_ddp(model, use_distributed_optimizer=job.distributed_optimizer)
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=1e-4, clip_grad=0.3, params_dtype=torch.float32,
-        use_distributed_optimizer=job.distributed_optimizer), [ddp])
+    optimizer = build_optimizer(ddp, OptimConfig(lr=1e-4, clip_grad=0.3,
+                                                 distributed=job.distributed_optimizer))
     start = time.perf_counter()
     for step in range(steps):
         ddp.zero_grad_buffer()
@@ -148,17 +146,11 @@ def _run_rank(name: str, steps: int, threads: int) -> dict:
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(name: str, allocator: str, steps: int, threads: int) -> list[dict]:
     """Runs case `name` on its ranks as child processes; their reports, by rank."""
     world = CASES[name][1].world
     threads = max(1, threads // world)
-    port = _free_port()
+    port = free_port()
     procs = []
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     for rank in range(world):

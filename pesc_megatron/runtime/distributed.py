@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import socket
 
 import numpy as np
 import torch
@@ -72,3 +73,10 @@ def say(*args) -> None:
     """print() on global rank 0 only, flushed (every rank runs the same code)."""
     if is_rank0():
         print(*args, flush=True)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a local rendezvous (MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

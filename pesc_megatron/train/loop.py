@@ -21,8 +21,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from pesc_megatron import atomic
 from pesc_megatron.config import (
@@ -44,12 +42,11 @@ from pesc_megatron.model.size import count_parameters
 from pesc_megatron.runtime.distributed import destroy, initialize, is_rank0, say, set_seed
 from pesc_megatron.train import checkpoint as train_checkpoint
 from pesc_megatron.train.evaluate import evaluate, last_stage_sum
+from pesc_megatron.train.optim import build_optimizer, build_scheduler
 from pesc_megatron.train.metrics import load_imbalance, pop_expert_load, pop_router_losses
 from pesc_megatron.train.profile import profiled
 from pesc_megatron.train.step import run_schedule, wrap_ddp
 
-# megatron-core's names for our schedules (warmup is linear from 0 in all of them).
-DECAY_STYLE = {"constant_with_warmup": "constant", "cosine": "cosine", "linear": "linear"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -183,42 +180,6 @@ def _duration(seconds: float) -> str:
 # ------------------------------------------------------------------------------------------
 # The job
 # ------------------------------------------------------------------------------------------
-def build_optimizer(ddp, job: JobConfig, iters: int):
-    o = job.optim
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-        clip_grad=o.clip_grad, bf16=job.model.dtype == "bf16",
-        params_dtype=torch.bfloat16 if job.model.dtype == "bf16" else torch.float32,
-        use_distributed_optimizer=o.distributed), [ddp])
-    fuse_torch_adam(optimizer)
-    return optimizer, build_scheduler(optimizer, job, iters)
-
-
-def fuse_torch_adam(optimizer) -> None:
-    """Without Transformer Engine or apex, megatron-core falls back to torch's AdamW, which
-    then loops over the parameters in Python (foreach is CUDA's default only): four to six
-    small ops per tensor, 510 tensors for SmolLM2 with 8 experts. torch's fused AdamW (one
-    kernel per tensor, the same update) runs on CPU and CUDA."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
-            for group in inner.param_groups:
-                group.update(fused=True, foreach=False)
-
-
-def build_scheduler(optimizer, job: JobConfig, iters: int) -> OptimizerParamScheduler:
-    """megatron-core's scheduler, stepped once per optimizer step: linear warmup from 0 over
-    optim.warmup_steps, then constant, cosine or linear decay to optim.min_lr at `iters`."""
-    o = job.optim
-    return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
-        lr_decay_steps=max(iters, o.warmup_steps + 1), lr_decay_style=DECAY_STYLE[o.schedule],
-        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(iters, 1),
-        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=True)
-
-
 # Settings that define the stream of global batches: a resume must not change them.
 DATA_STREAM_KEYS = (("data", "train"), ("data", "seq_length"), ("data", "packing"),
                     ("data", "overlong"), ("data", "on_error"), ("train", "global_batch_size"),
@@ -280,7 +241,8 @@ def run(job: JobConfig, config_source: dict) -> dict:
                                        experts=job.model.experts)
     say(describe_frozen(model))
     ddp = wrap_ddp(model, use_distributed_optimizer=job.optim.distributed)
-    optimizer, scheduler = build_optimizer(ddp, job, iters)
+    optimizer = build_optimizer(ddp, job.optim, job.model.dtype)
+    scheduler = build_scheduler(optimizer, job.optim, iters)
     if job.optim.warmup_steps >= iters:
         say(f"warning: optim.warmup_steps={job.optim.warmup_steps} >= {iters} steps: the run "
             f"never reaches optim.lr={job.optim.lr}")

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import psutil
 import pytest
 import torch
 
+from pesc_megatron.runtime.distributed import free_port
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,12 +226,6 @@ def test_resume_refuses_a_changed_data_order(job, reference):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith(
         "pesc train: error: train.global_batch_size=4: ")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_node_launch_matches_one_node(job):

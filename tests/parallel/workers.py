@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from pesc_megatron.runtime.distributed import free_port
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
@@ -17,12 +18,6 @@ TINY_PESC = dict(num_experts=4, topk=2, adapter_dim=16, adapter_scaling=0.5,
 TINY_LORA = dict(targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                           "down_proj"], rank=4, alpha=8.0, dropout=0.0)
 SEQ, GLOBAL_BATCH = 8, 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world, port, fn, args):

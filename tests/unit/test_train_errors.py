@@ -127,7 +127,7 @@ def test_data_errors_stop_the_run(setup):
 
 def test_schedules(setup):
     """megatron-core's scheduler as configured: lr of optimizer step n (1-based)."""
-    from pesc_megatron.train.loop import build_scheduler
+    from pesc_megatron.train.optim import build_scheduler
 
     class Opt:
         param_groups = [{}]
@@ -135,7 +135,7 @@ def test_schedules(setup):
     def lrs(schedule, iters=10, warmup=4):
         job = load_job(str(job_file(setup)), [f"optim.schedule={schedule}", "optim.lr=1.0",
                                               "optim.min_lr=0.1", f"optim.warmup_steps={warmup}"])
-        sched, out = build_scheduler(Opt(), job, iters), []
+        sched, out = build_scheduler(Opt(), job.optim, iters), []
         for _ in range(iters):
             out.append(Opt.param_groups[0]["lr"])
             sched.step(1)
