@@ -57,5 +57,7 @@ def fresh_moe_globals():
     yield
     moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
     if moe_utils is not None:
-        moe_utils.get_moe_layer_wise_logging_tracker().clear()
+        from pesc_megatron.runtime.mcore_compat import reset_moe_aux_loss_tracker
+
+        reset_moe_aux_loss_tracker()
         moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None

@@ -5,20 +5,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.transformer.moe.moe_utils import (
-    clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
-)
 
 from pesc_megatron.model.pesc_layer import PESCMoELayer
 from pesc_megatron.runtime.distributed import device
+from pesc_megatron.runtime.mcore_compat import clear_moe_aux_losses, moe_aux_loss_tracker
 
 
 def pop_router_losses(num_microbatches: int) -> dict[str, torch.Tensor]:
     """Per-layer router losses of the last step ({name: [num_layers]}), averaged over
     micro-batches and data-parallel ranks, summed over the ranks that split a sequence."""
     out = {}
-    for name, entry in get_moe_layer_wise_logging_tracker().items():
+    for name, entry in moe_aux_loss_tracker().items():
         values = entry["values"].clone().float() / num_microbatches
         dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
         if entry.get("reduce_group") is not None:
@@ -26,7 +23,7 @@ def pop_router_losses(num_microbatches: int) -> dict[str, torch.Tensor]:
         dp = ps.get_data_parallel_group()
         dist.all_reduce(values, group=dp)
         out[name] = values / dist.get_world_size(dp)
-    clear_aux_losses_tracker()
+    clear_moe_aux_losses()
     return out
 
 

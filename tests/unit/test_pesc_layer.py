@@ -164,11 +164,9 @@ def _imbalance(layer, x):
 
 
 def test_balancing_loss_is_switch_loss_and_its_gradient_balances(single_rank):
-    from megatron.core.transformer.moe.moe_utils import (
-        MoEAuxLossAutoScaler,
-        clear_aux_losses_tracker,
-        get_moe_layer_wise_logging_tracker,
-    )
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from pesc_megatron.runtime.mcore_compat import clear_moe_aux_losses, moe_aux_loss_tracker
 
     torch.manual_seed(0)
     alpha, k = 0.01, 2
@@ -181,13 +179,13 @@ def test_balancing_loss_is_switch_loss_and_its_gradient_balances(single_rank):
     assert start > 1.9  # expert 0 takes every token (2.0 is the top-2 maximum)
 
     # The logged loss is the guide's alpha * E * sum_i f_i P_i.
-    clear_aux_losses_tracker()
+    clear_moe_aux_losses()
     layer(x)
     logits = x.reshape(-1, H) @ layer.router.weight.detach().T
     idx = logits.topk(k, dim=-1).indices
     f = torch.zeros(E).index_add_(0, idx.flatten(), torch.ones(idx.numel())) / idx.numel()
     P = logits.softmax(-1).mean(0)
-    logged = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"][0]
+    logged = moe_aux_loss_tracker()["load_balancing_loss"]["values"][0]
     torch.testing.assert_close(logged * alpha, alpha * E * (f * P).sum(), rtol=1e-5, atol=0)
 
     # Gradient descent on the balancing loss alone (zero LM gradient) balances the router.
@@ -215,8 +213,7 @@ def test_expert_load_counts_every_assignment(single_rank):
 def test_padding_is_not_routing_load(single_rank):
     """Pad positions (padding_mask True) count neither in the expert load nor in the balancing
     loss: the loss with padding equals the loss of the valid tokens alone."""
-    from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker,
-                                                         get_moe_layer_wise_logging_tracker)
+    from pesc_megatron.runtime.mcore_compat import clear_moe_aux_losses, moe_aux_loss_tracker
 
     torch.manual_seed(0)
     layer = make_layer(topk=2, aux_loss_coeff=1.0)
@@ -227,10 +224,10 @@ def test_padding_is_not_routing_load(single_rank):
     padding[1, 3:] = True
 
     def balance(*args, **kwargs):
-        clear_aux_losses_tracker()
+        clear_moe_aux_losses()
         layer.expert_load.zero_()
         layer(*args, **kwargs)
-        return (get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"][0].item(),
+        return (moe_aux_loss_tracker()["load_balancing_loss"]["values"][0].item(),
                 layer.expert_load.sum().item())
 
     with_pad, counted = balance(x, padding_mask=padding)
@@ -240,7 +237,7 @@ def test_padding_is_not_routing_load(single_rank):
     assert with_pad == pytest.approx(alone, rel=1e-5)
     full, _ = balance(x)
     assert full != pytest.approx(alone, rel=1e-3)
-    clear_aux_losses_tracker()
+    clear_moe_aux_losses()
 
 
 def test_capacity_factor_drops_tokens(single_rank):
