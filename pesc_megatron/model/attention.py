@@ -34,7 +34,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from pesc_megatron.config import ATTENTIONS, ConfigError
-from pesc_megatron.runtime.cpu_backend import have_te
+from pesc_megatron.runtime.mcore_patches import have_te
 
 try:  # torch's flash-attention varlen kernels (CUDA); absent in older releases
     from torch.nn.attention.varlen import varlen_attn

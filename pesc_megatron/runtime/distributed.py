@@ -13,13 +13,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from pesc_megatron.config import ParallelConfig
-from pesc_megatron.runtime import cpu_backend
+from pesc_megatron.runtime import mcore_patches
 
 
 def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> None:
     """Initialises torch.distributed (env:// as torchrun sets it, or a single process when
     RANK is unset), megatron-core's process groups for `parallel`, and the RNG seeds."""
-    cpu_backend.apply()
+    mcore_patches.apply()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         timeout = datetime.timedelta(minutes=timeout_minutes)

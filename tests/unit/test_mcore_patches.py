@@ -2,20 +2,20 @@
 import pytest
 import torch
 
-from pesc_megatron.runtime import cpu_backend
+from pesc_megatron.runtime import mcore_patches
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU backend is CPU-only")
 
 
 def test_every_patch_is_installed_and_explained(single_rank):
-    assert cpu_backend.apply() is True
-    for patch in cpu_backend.PATCHES + cpu_backend.NO_TE_PATCHES:
-        owner, name = cpu_backend._resolve(patch.target)
+    assert mcore_patches.apply() is True
+    for patch in mcore_patches.PATCHES + mcore_patches.NO_TE_PATCHES:
+        owner, name = mcore_patches._resolve(patch.target)
         replacement = getattr(owner, name)
         assert patch.why and "\n" not in patch.why
         if patch.target.endswith(":te_general_gemm"):
             continue
-        assert getattr(replacement, "__module__", None) == cpu_backend.__name__, patch.target
+        assert getattr(replacement, "__module__", None) == mcore_patches.__name__, patch.target
     from megatron.core.transformer.moe import moe_utils
 
     assert moe_utils.te_general_gemm is None  # defined (as absent), no longer a NameError
@@ -98,10 +98,10 @@ def test_router_gating_linear_without_transformer_engine(single_rank):
 
 
 def test_unsupported_megatron_core_is_refused():
-    cpu_backend.check_mcore_version("0.16.1")
-    cpu_backend.check_mcore_version("0.19.0rc1")
+    mcore_patches.check_mcore_version("0.16.1")
+    mcore_patches.check_mcore_version("0.19.0rc1")
     with pytest.raises(RuntimeError, match="megatron-core 0.20.0 is not supported"):
-        cpu_backend.check_mcore_version("0.20.0")
+        mcore_patches.check_mcore_version("0.20.0")
 
 
 def test_activation_recompute_replays_the_rng(single_rank):

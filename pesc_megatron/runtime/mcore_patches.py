@@ -1,4 +1,5 @@
-"""CPU backend for megatron-core: the few patches that let its GPT + MoE stack run on CPU/gloo.
+"""The project's patches to megatron-core, one per broken symbol, each with its reason: mostly
+the CPU backend that lets its GPT + MoE stack run on CPU/gloo, plus a few that apply on GPUs too.
 
 megatron-core assumes CUDA in a handful of places. On a machine without CUDA, `apply()`
 installs one patch per broken megatron-core symbol (listed in `PATCHES`, each with the reason),
@@ -333,7 +334,7 @@ def check_mcore_version(version: str | None = None) -> None:
         version = package_info.__version__
     if ".".join(version.split(".")[:2]) not in SUPPORTED_MCORE:
         raise RuntimeError(
-            f"megatron-core {version} is not supported by pesc-megatron's CPU backend "
+            f"megatron-core {version} is not supported by pesc-megatron's megatron-core patches "
             f"(supported: {', '.join(SUPPORTED_MCORE)}); install megatron-core>=0.16.1,<0.20")
 
 
@@ -342,12 +343,14 @@ def _install(patches: list[Patch]) -> None:
         try:
             owner, name = _resolve(p.target)
         except (ImportError, AttributeError) as e:
-            raise RuntimeError(f"CPU backend: cannot patch {p.target} ({e})") from e
+            raise RuntimeError(f"megatron-core patches: cannot patch {p.target} ({e})") from e
         setattr(owner, name, p.make(getattr(owner, name, None)))
 
 
 def apply(force: bool = False) -> bool:
-    """Installs the CPU backend if CUDA is unavailable (or `force`). Returns True if active."""
+    """Installs the patches for every machine, the no-TE ones where TE is absent, and the CPU
+    backend if CUDA is unavailable (or `force`). Returns True if the CPU backend is active.
+    The version check applies everywhere: every machine gets some of these patches."""
     global _applied
     if _applied:
         return True
