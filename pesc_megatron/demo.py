@@ -53,10 +53,11 @@ def synthetic_batches(steps: int, micro_batches: int, seq: int, vocab: int, seed
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pesc demo", description=__doc__)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--micro-batches", type=int, default=4, help="per data-parallel rank")
+    ap.add_argument("--seq-length", "--seq", dest="seq", type=int, default=64)
+    ap.add_argument("--num-micro-batches", "--micro-batches", dest="micro_batches", type=int,
+                    default=4, help="per data-parallel rank")
     ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--num-experts", "--experts", dest="experts", type=int, default=8)
     ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--adapter-dim", type=int, default=32)
     ap.add_argument("--tp", type=int, default=1)

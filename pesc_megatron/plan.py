@@ -386,8 +386,10 @@ def _parse(argv):
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
-    ap.add_argument("--seq", type=int, default=4096, help="tokens per sequence (default 4096)")
-    ap.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    ap.add_argument("--seq-length", "--seq", dest="seq", type=int, default=4096,
+                    help="tokens per sequence (default 4096)")
+    ap.add_argument("--micro-batch-size", "--micro-batch", dest="micro_batch", type=int,
+                    default=1, help="sequences per micro-batch")
     for key in ("tp", "pp", "ep"):
         ap.add_argument(f"--{key}", type=int, help=f"fix {key.upper()} (default: searched)")
     ap.add_argument("--etp", type=int, help="fix ETP (default 1: the adapters are small)")

@@ -30,7 +30,7 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="pesc bench layer", description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=2816)
-    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--num-experts", "--experts", dest="experts", type=int, default=8)
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--adapter-dim", type=int, default=64)
     p.add_argument("--tokens", type=int, default=2048)
