@@ -1,9 +1,13 @@
 """A tiny real job for training tests: a byte-pair tokenizer trained here, a random 2-layer
-Llama with its vocabulary, converted to a PESC checkpoint, and instruction records."""
+Llama with its vocabulary, converted to a PESC checkpoint, and instruction records; and the
+commands that run it as users do (torchrun)."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -87,3 +91,44 @@ def write_job(path: Path, ckpt: Path, data_dir: Path, out_dir: Path, **sections)
         job.setdefault(key, {}).update(value)
     path.write_text(yaml.safe_dump(job))
     return path
+
+
+def make_job(root: Path, train_records: int, **sections) -> tuple[Path, Path]:
+    """root/base (the tiny checkpoint), root/{train,valid}.jsonl and root/job.yaml (`sections`
+    as for write_job; train.out_dir defaults to root/run). Returns (checkpoint, job file)."""
+    ckpt = make_checkpoint(root)
+    write_jsonl(root / "train.jsonl", records(train_records, 1))
+    write_jsonl(root / "valid.jsonl", records(16, 2))
+    return ckpt, write_job(root / "job.yaml", ckpt, root, root / "run", **sections)
+
+
+# Running it as users do: torchrun (gloo, CPU), from the repository root.
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def torchrun(nproc: int, *args, popen: bool = False, **kwargs):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", *args]
+    if popen:
+        return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         **kwargs)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def train(nproc: int, config: Path, *overrides: str):
+    return torchrun(nproc, "-m", "pesc_megatron.cli", "train", str(config), *overrides)
+
+
+def evaluate(nproc: int, ckpt: Path, data: Path, *flags: str) -> dict:
+    run = torchrun(nproc, "-m", "pesc_megatron.cli", "eval", "--ckpt", str(ckpt), "--data",
+                   str(data), "--seq-length", "64", *flags)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def history(out_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "lm_loss" in r}

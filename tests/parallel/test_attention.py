@@ -4,8 +4,7 @@ modes (fp32, gloo). The tiny model has GQA (4 heads, 2 KV heads)."""
 import pytest
 import torch
 
-from tests.parallel.test_parity import check_layout
-from tests.parallel.workers import parity_worker, spawn
+from tests.parallel.workers import check_layout, parity_worker, spawn
 
 CASES = {  # name: (world, layout) with the fused attention
     "packed_1rank": (1, dict(packed=True)),

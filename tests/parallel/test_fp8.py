@@ -8,8 +8,8 @@ import pytest
 
 from tests import tiny
 from tests.fp8_check import tp_worker
-from tests.parallel.test_train import evaluate, train
 from tests.parallel.workers import spawn
+from tests.tiny import evaluate, train
 
 
 def test_fp8_frozen_linears_tp2():

@@ -4,8 +4,7 @@ both dispatchers, with capacity dropping and with padding tokens (fp32, gloo, dr
 import pytest
 import torch
 
-from tests.parallel.test_parity import check_layout
-from tests.parallel.workers import parity_worker, spawn
+from tests.parallel.workers import check_layout, parity_worker, spawn
 
 CASES = {  # name: (world, layout) with the grouped experts; the packed batch has padding
     "1rank": (1, dict()),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests import tiny
-from tests.parallel.test_train import ENV, ROOT, history, train
+from tests.tiny import ENV, ROOT, history, train
 
 LORA = {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                     "down_proj"], "rank": 8, "alpha": 16.0, "dropout": 0.1}
@@ -18,11 +18,7 @@ LORA = {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, single_rank):
     root = tmp_path_factory.mktemp("lora")
-    ckpt = tiny.make_checkpoint(root)
-    tiny.write_jsonl(root / "train.jsonl", tiny.records(64, 1))
-    tiny.write_jsonl(root / "valid.jsonl", tiny.records(16, 2))
-    config = tiny.write_job(root / "job.yaml", ckpt, root, root / "run", lora=LORA,
-                            parallel={"tp": 2}, train={"iters": 6})
+    _, config = tiny.make_job(root, 64, lora=LORA, parallel={"tp": 2}, train={"iters": 6})
     train(2, config)
     return root, config
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.parallel.optimizer_workers import CLIP, optimizer_worker
-from tests.parallel.workers import spawn
+from tests.parallel.workers import spawn_per_rank
 
 RUNS = {  # name: (layout, distributed-optimizer checkpoint format); one spawn for both
     "dp2": (dict(), "dp_reshardable"),  # dense and expert params data-parallel over 2 ranks
@@ -14,9 +14,7 @@ RUNS = {  # name: (layout, distributed-optimizer checkpoint format); one spawn f
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    root = tmp_path_factory.mktemp("optimizer")
-    spawn(optimizer_worker, 2, RUNS, str(root))
-    return [torch.load(root / f"rank{r}.pt") for r in range(2)]
+    return spawn_per_rank(optimizer_worker, 2, RUNS, tmp_path_factory.mktemp("optimizer"))
 
 
 @pytest.mark.parametrize("name", list(RUNS))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.parallel.workers import parity_worker, spawn
+from tests.parallel.workers import check_layout, parity_worker, spawn
 
 LAYOUTS = {
     "tp2_sp": (2, dict(tp=2)),
@@ -43,15 +43,3 @@ def test_layout_matches_single_rank(reference, name):
 @pytest.mark.parametrize("name", list(LORA_LAYOUTS))
 def test_lora_layout_matches_single_rank(lora_reference, name):
     check_layout(lora_reference, *LORA_LAYOUTS[name], name)
-
-
-def check_layout(reference, world, layout, name, rtol=1e-5):
-    root, ref = reference
-    spawn(parity_worker, world, layout, str(root / "ckpt"), str(root / f"{name}.pt"))
-    got = torch.load(root / f"{name}.pt")
-    assert abs(got["loss"] - ref["loss"]) <= rtol * abs(ref["loss"])
-    assert got["grads"].keys() == ref["grads"].keys()
-    for key, want in ref["grads"].items():
-        assert want.abs().max() > 0, key  # every trainable tensor is exercised
-        torch.testing.assert_close(got["grads"][key], want, rtol=rtol,
-                                   atol=rtol * want.abs().max().item(), msg=key)

@@ -3,10 +3,9 @@ rank, the bytes of frozen and trainable parameters, of DDP's gradient buffers, o
 optimizer state and of the frozen base converted to FP8 must equal the planner's formulas
 exactly."""
 import pytest
-import torch
 
 from tests.parallel.plan_workers import plan_worker
-from tests.parallel.workers import spawn
+from tests.parallel.workers import spawn_per_rank
 
 RUNS = {  # one spawn for all (start-up dominates)
     "tp2_ep2_lora": dict(layout=dict(tp=2, ep=2), lora=True, tied=False, distributed=False),
@@ -20,9 +19,7 @@ RUNS = {  # one spawn for all (start-up dominates)
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plan")
-    spawn(plan_worker, 4, RUNS, str(root))
-    return [torch.load(root / f"rank{r}.pt") for r in range(4)]
+    return spawn_per_rank(plan_worker, 4, RUNS, tmp_path_factory.mktemp("plan"))
 
 
 @pytest.mark.parametrize("name", list(RUNS))

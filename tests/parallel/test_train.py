@@ -2,13 +2,11 @@
 (torchrun, gloo, CPU): bit-exact resume after SIGKILL, a kill during a checkpoint write,
 resume at another layout, eval parity across layouts, packing, and a two-"node" launch."""
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -16,46 +14,14 @@ import torch
 
 from pesc_megatron.runtime.distributed import free_port
 from tests import tiny
-
-ROOT = Path(__file__).resolve().parents[2]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
-def torchrun(nproc: int, *args, popen: bool = False, **kwargs):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", *args]
-    if popen:
-        return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    run = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         **kwargs)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run
-
-
-def train(nproc: int, config: Path, *overrides: str):
-    return torchrun(nproc, "-m", "pesc_megatron.cli", "train", str(config), *overrides)
-
-
-def evaluate(nproc: int, ckpt: Path, data: Path, *flags: str) -> dict:
-    run = torchrun(nproc, "-m", "pesc_megatron.cli", "eval", "--ckpt", str(ckpt), "--data",
-                   str(data), "--seq-length", "64", *flags)
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
-def history(out_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "lm_loss" in r}
-
+from tests.tiny import ENV, ROOT, evaluate, history, torchrun, train
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, single_rank):
     root = tmp_path_factory.mktemp("train")
-    ckpt = tiny.make_checkpoint(root)
-    tiny.write_jsonl(root / "train.jsonl", tiny.records(96, 1))
-    tiny.write_jsonl(root / "valid.jsonl", tiny.records(16, 2))
-    config = tiny.write_job(root / "job.yaml", ckpt, root, root / "unused",
-                            parallel={"ep": 2}, train={"iters": 8, "save_interval": 4})
+    ckpt, config = tiny.make_job(root, 96, parallel={"ep": 2},
+                                 train={"iters": 8, "save_interval": 4,
+                                        "out_dir": str(root / "unused")})
     return root, ckpt, config
 
 

@@ -36,6 +36,12 @@ def spawn(fn, world: int, *args) -> None:
     mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
+def spawn_per_rank(fn, world: int, runs, root) -> list:
+    """Runs fn(runs, root) on `world` ranks, each saving root/rank<r>.pt; returns them by rank."""
+    spawn(fn, world, runs, str(root))
+    return [torch.load(root / f"rank{r}.pt") for r in range(world)]
+
+
 def global_batch():
     g = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, TINY_MODEL["vocab_size"], (GLOBAL_BATCH, SEQ + 1), generator=g)
@@ -148,3 +154,17 @@ def parity_worker(layout: dict, ckpt_dir: str, out_path: str) -> None:
                 merged.setdefault(k, v)
         torch.save({"loss": losses[0], "grads": merged}, out_path)
     destroy()
+
+
+def check_layout(reference, world, layout, name, rtol=1e-5):
+    """parity_worker at `layout` on `world` ranks gives the reference's loss and every
+    trainable gradient within `rtol` (`reference`: (root, results) of the single-rank run)."""
+    root, ref = reference
+    spawn(parity_worker, world, layout, str(root / "ckpt"), str(root / f"{name}.pt"))
+    got = torch.load(root / f"{name}.pt")
+    assert abs(got["loss"] - ref["loss"]) <= rtol * abs(ref["loss"])
+    assert got["grads"].keys() == ref["grads"].keys()
+    for key, want in ref["grads"].items():
+        assert want.abs().max() > 0, key  # every trainable tensor is exercised
+        torch.testing.assert_close(got["grads"][key], want, rtol=rtol,
+                                   atol=rtol * want.abs().max().item(), msg=key)
