@@ -123,10 +123,9 @@ class SDPAttention(MegatronModule):
         # (q + 2 kv) - kv elements a token and layer of activation memory).
         bounds = sample_bounds(packed_seq_params)
         sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        samples = zip(query.split(sizes), key.split(sizes), value.contiguous().split(sizes))
         outs = [self._sdpa(*(x.transpose(0, 1).unsqueeze(0) for x in qkv), is_causal=True)
-                .squeeze(0).transpose(0, 1)
-                for qkv in zip(query.split(sizes), key.split(sizes), value.contiguous().split(sizes))
-                if qkv[0].shape[0]]
+                .squeeze(0).transpose(0, 1) for qkv in samples if qkv[0].shape[0]]
         return torch.cat(outs).reshape(t, -1)
 
 

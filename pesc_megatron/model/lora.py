@@ -136,7 +136,7 @@ class LoRA(MegatronModule):
             return pairs[0].lora_B(h) * (self.scaling * rescale)
         # Each projection draws its own dropout mask, as PEFT's per-module dropout.
         hs, rescale = [], 1.0
-        for pair in pairs:
+        for pair in pairs:  # one p for all parts: the same rescaling
             kept, rescale = self._dropout(x)
             hs.append(pair.lora_A(kept))
         h = torch.cat(hs, dim=-1)

@@ -42,8 +42,8 @@ from pesc_megatron.model.size import count_parameters
 from pesc_megatron.runtime.distributed import destroy, initialize, is_rank0, say, set_seed
 from pesc_megatron.train import checkpoint as train_checkpoint
 from pesc_megatron.train.evaluate import evaluate, last_stage_sum
-from pesc_megatron.train.optim import build_optimizer, build_scheduler
 from pesc_megatron.train.metrics import load_imbalance, pop_expert_load, pop_router_losses
+from pesc_megatron.train.optim import build_optimizer, build_scheduler
 from pesc_megatron.train.profile import profiled
 from pesc_megatron.train.step import run_schedule, wrap_ddp
 
