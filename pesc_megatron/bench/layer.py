@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
-from pesc_megatron.model.builder import DTYPES, is_trainable, transformer_config
+from pesc_megatron.model.builder import DTYPES, freeze_base, transformer_config
 from pesc_megatron.model.spec import pesc_mlp_spec
 from pesc_megatron.runtime import distributed
 
@@ -58,9 +58,7 @@ def _build_layer(a):
                       adapter_dropout=a.adapter_dropout, dispatcher=a.dispatcher)
     cfg = transformer_config(model, pesc, ParallelConfig(), a.dtype)
     layer = build_module(pesc_mlp_spec(), config=cfg, layer_number=1)
-    for name, param in layer.named_parameters():
-        # Parameter names as they appear in the full model, so the builder's rule applies.
-        param.requires_grad_(is_trainable(f"decoder.layers.0.mlp.{name}"))
+    freeze_base(layer)
     with torch.no_grad():  # fresh adapters have W_up == 0; a trained one does not
         for expert in layer.experts.local_experts:
             expert.linear_fc2.weight.normal_(0.0, 0.02)

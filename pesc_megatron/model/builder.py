@@ -20,7 +20,8 @@ from pesc_megatron.config import (
     validate_lora,
 )
 from pesc_megatron.model.attention import resolve_attention
-from pesc_megatron.model.pesc_layer import PESCTransformerConfig
+from pesc_megatron.model.lora import LoRA
+from pesc_megatron.model.pesc_layer import PESCAdapterExperts, PESCRouter, PESCTransformerConfig
 from pesc_megatron.model.spec import get_pesc_block_spec
 from pesc_megatron.runtime.distributed import device
 
@@ -193,11 +194,19 @@ def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
     return gpt
 
 
-def is_trainable(name: str) -> bool:
-    """PESC trains the routers, the adapter experts and LoRA (if any); the rest is frozen."""
-    return ".mlp.router." in name or ".mlp.experts." in name or ".lora." in name
+# PESC trains the routers, the adapter experts and LoRA (if any); the rest is frozen.
+TRAINABLE_MODULES = (PESCRouter, PESCAdapterExperts, LoRA)
 
 
 def freeze_base(model: torch.nn.Module) -> None:
-    for name, param in model.named_parameters():
-        param.requires_grad_(is_trainable(name))
+    """Only the parameters of TRAINABLE_MODULES train (decided by module type, as PEFT does)."""
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, TRAINABLE_MODULES):
+            module.requires_grad_(True)
+
+
+def is_trainable(name: str) -> bool:
+    """The same rule on a parameter's or a checkpoint key's name (checkpoint files have names,
+    not modules); tests/unit/test_pesc_layer.py checks that the two agree."""
+    return ".mlp.router." in name or ".mlp.experts." in name or ".lora." in name

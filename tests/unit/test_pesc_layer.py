@@ -156,6 +156,20 @@ def test_only_router_and_adapters_train(single_rank):
     assert sum(s["exp_avg"].numel() for s in states) == n_trainable
 
 
+def test_trainable_by_module_type_agrees_with_the_checkpoint_key_rule(single_rank):
+    """freeze_base decides by module type (router, adapter experts, LoRA); checkpoint files are
+    filtered by key (builder.is_trainable): both pick the same parameters, LoRA included."""
+    from pesc_megatron.config import LORA_TARGETS, LoRAConfig
+    from pesc_megatron.model.builder import build_model, is_trainable
+
+    model = build_model(MODEL, PESCConfig(num_experts=E, adapter_dim=8), ParallelConfig(),
+                        lora=LoRAConfig(targets=list(LORA_TARGETS), rank=4))
+    names = dict(model.named_parameters())
+    assert any(".lora." in n for n in names) and any(p.requires_grad for p in names.values())
+    for name, p in names.items():
+        assert p.requires_grad == is_trainable(name), name
+
+
 def _imbalance(layer, x):
     with torch.no_grad():
         probs, routing_map = layer.router(x)
