@@ -8,8 +8,8 @@ PARALLEL = Path(__file__).parent / "parallel"
 
 
 def pytest_configure(config):
-    """Only the third-party notices the CLI silences too (pesc_megatron.cli.KNOWN_NOISE, each
-    explained there); any other warning shows in the summary."""
+    """Filters only the third-party notices the CLI silences too (pesc_megatron.cli.KNOWN_NOISE);
+    any other warning shows in the summary."""
     from pesc_megatron.cli import KNOWN_NOISE
 
     for message in KNOWN_NOISE:  # ':' separates the fields of a pytest filter: '.' matches it
