@@ -57,7 +57,7 @@ def fresh_moe_globals():
     yield
     moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
     if moe_utils is not None:
-        from pesc_megatron.runtime.mcore_compat import reset_moe_aux_loss_tracker
+        from pesc_megatron.runtime.mcore_compat import moe_aux_loss_tracker
 
-        reset_moe_aux_loss_tracker()
+        moe_aux_loss_tracker().clear()  # drop the entries, sized by the last model
         moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None

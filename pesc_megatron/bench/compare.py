@@ -18,12 +18,12 @@ upcycled baselines use the first entry.
 
 Each variant runs in a child process of this command (one process tree, one invocation), one
 after the other, so that each one's peak resident memory is its own: warmup steps, then timed
-steps of forward + backward + AdamW step (torch's fused AdamW for all, fp32). Reported per variant:
-median step time, tokens/s, trainable parameters, bytes of parameters + gradients + optimizer
-state (summed over the real tensors), peak resident memory (VmHWM) and the bytes a training
-checkpoint holds (trainable weights + Adam state). `--scaling` adds pesc and upcycle at 4, 8,
-16 and 32 experts and at growing tokens per step, with PNG plots. JSON and a Markdown table go
-to --out; the last stdout line is the JSON.
+steps of forward + backward + AdamW step (torch's fused AdamW for all, fp32). Reported per
+variant: median step time, tokens/s, trainable parameters, bytes of parameters + gradients +
+optimizer state (summed over the real tensors), peak resident memory (VmHWM) and the bytes a
+training checkpoint holds (trainable weights + Adam state). `--scaling` adds pesc and upcycle
+at 4, 8, 16 and 32 experts and at growing tokens per step, with PNG plots. JSON and a Markdown
+table go to --out; the last stdout line is the JSON.
 """
 from __future__ import annotations
 
@@ -307,7 +307,7 @@ def measure(spec: dict) -> dict:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = None if spec["variant"] == "dense_frozen" else torch.optim.AdamW(
-        trainable, lr=1e-5, fused=True)  # fused: as `pesc train` runs it (train/loop.py)
+        trainable, lr=1e-5, fused=True)  # fused: as `pesc train` runs it (train/optim.py)
     gen = torch.Generator().manual_seed(spec["seed"])
     tokens = torch.randint(0, model_cfg.vocab_size, (spec["batch"], spec["seq"] + 1),
                            generator=gen)

@@ -22,8 +22,3 @@ def clear_moe_aux_losses() -> None:
         _Tracker.get_instance().clear()
     else:
         moe_utils.clear_aux_losses_tracker()
-
-
-def reset_moe_aux_loss_tracker() -> None:
-    """Drops every entry (tests build models of different depths in one process)."""
-    moe_aux_loss_tracker().clear()
