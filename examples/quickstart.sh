@@ -13,7 +13,7 @@ launch() { "$BIN/torchrun" --standalone --nproc-per-node 2 -m pesc_megatron.cli 
 stamp() { echo "[$(date +%T)] $*"; }
 
 stamp "1/6 SmolLM2-135M-Instruct as a Hugging Face folder"
-HF=$("$BIN/python" -m pesc_megatron.convert.smollm2)
+HF=$("$BIN/python" -m pesc_megatron.interop.smollm2)
 if [ ! -d "$RUN/base" ]; then
   stamp "2/6 craft: dense -> PESC, 8 experts, top-2, adapter 64"
   "$BIN/pesc" convert hf-to-pesc --hf "$HF" --out "$RUN/base" --num-experts 8 --topk 2 \

@@ -10,6 +10,6 @@ def register_auto_classes() -> None:
     classes (idempotent; needs transformers)."""
     # Local on purpose: hf_modeling imports transformers, which the package does not import
     # until a command needs it (see above).
-    from pesc_megatron.convert.hf_modeling import register_auto_classes as register
+    from pesc_megatron.interop.hf_modeling import register_auto_classes as register
 
     register()

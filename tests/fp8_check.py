@@ -56,9 +56,10 @@ def check_frozen_linear(kind: str, matmul: str) -> dict:
     |error| / bound seen."""
     from megatron.core import parallel_state as ps
 
-    from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
     from pesc_megatron.model.builder import transformer_config
+    from pesc_megatron.model.config import ModelConfig, PESCConfig
     from pesc_megatron.model.fp8 import convert_frozen_weights
+    from pesc_megatron.parallel.config import ParallelConfig
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     config = transformer_config(
@@ -124,9 +125,10 @@ def check_output_outliers(count: int = 4) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
-    from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
     from pesc_megatron.model.builder import transformer_config
+    from pesc_megatron.model.config import ModelConfig, PESCConfig
     from pesc_megatron.model.fp8 import add_outlier_columns, output_hidden_mean_square, to_float8
+    from pesc_megatron.parallel.config import ParallelConfig
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     config = transformer_config(
@@ -181,8 +183,8 @@ def check_output_outliers(count: int = 4) -> None:
 
 def tp_worker() -> None:
     """In each spawned rank: both linears, both product kinds, at this world's TP size."""
-    from pesc_megatron.config import ParallelConfig
-    from pesc_megatron.runtime.distributed import destroy, initialize
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.parallel.distributed import destroy, initialize
 
     initialize(ParallelConfig(tp=int(os.environ["WORLD_SIZE"])))
     try:

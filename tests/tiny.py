@@ -36,7 +36,7 @@ def make_checkpoint(root: Path, layers: int = 2, pesc: dict | None = None) -> Pa
     """root/hf (tokenizer + random Llama) -> root/base (PESC checkpoint). Single process."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pesc_megatron.convert.hf_to_pesc import convert
+    from pesc_megatron.interop.hf_to_pesc import convert
 
     hf = root / "hf"
     make_tokenizer(hf)

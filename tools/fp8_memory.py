@@ -29,10 +29,11 @@ FP8_BF16 = [v for v in VARIANTS if v.startswith("bf16+fp8")]
 def measure(ckpt: str, variant: str) -> dict:
     import psutil
 
-    from pesc_megatron.config import ParallelConfig, PrecisionConfig
-    from pesc_megatron.convert import checkpoint
+    from pesc_megatron.checkpoint import base as checkpoint
     from pesc_megatron.model.fp8 import frozen_weight_bytes
-    from pesc_megatron.runtime.distributed import destroy, initialize
+    from pesc_megatron.model.precision import PrecisionConfig
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.parallel.distributed import destroy, initialize
 
     dtype, frozen, output_layer, outliers = VARIANTS[variant]
     initialize(ParallelConfig())

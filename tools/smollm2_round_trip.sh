@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
 work=${1:-runs/smollm2}
 mkdir -p "$work"
-hf=$(python -m pesc_megatron.convert.smollm2)
+hf=$(python -m pesc_megatron.interop.smollm2)
 pesc convert hf-to-pesc --hf "$hf" --out "$work/pesc" --num-experts 8 --topk 2 \
   --adapter-dim 64 --force
 pesc convert pesc-to-hf --ckpt "$work/pesc" --out "$work/camelidae" --force

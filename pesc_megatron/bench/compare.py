@@ -39,14 +39,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pesc_megatron.atomic import atomic_path
-from pesc_megatron.config import ConfigError, LoRAConfig, ParallelConfig, PESCConfig
-from pesc_megatron.convert import checkpoint as pesc_checkpoint
+from pesc_megatron.checkpoint.atomic import atomic_path
+from pesc_megatron.checkpoint.format import read_info
 from pesc_megatron.model.attention import resolve_attention
 from pesc_megatron.model.builder import build_model, transformer_config
+from pesc_megatron.model.config import LoRAConfig, PESCConfig
 from pesc_megatron.model.size import PRESETS, count_parameters
 from pesc_megatron.model.spec import core_attention
-from pesc_megatron.runtime import distributed
+from pesc_megatron.parallel import distributed
+from pesc_megatron.parallel.config import ParallelConfig
+from pesc_megatron.schema import ConfigError
 
 VARIANTS = ("dense_full", "dense_frozen", "pesc", "pesc_lora", "upcycle", "reference", "train")
 WITH_ATTENTION = ("pesc", "pesc_lora", "train")
@@ -273,7 +275,7 @@ def measure_train(spec: dict) -> dict:
     timed = rows[spec["warmup"]:]
     times = [r["step_time_s"] for r in timed]
     step_s = statistics.median(times)
-    info = pesc_checkpoint.read_info(spec["base"])
+    info = read_info(spec["base"])
     counts = count_parameters(info.model, info.pesc, info.lora)
     return dict(variant="train", attention=spec["attention"], experts=info.pesc.num_experts,
                 topk=info.pesc.topk, adapter_dim=info.pesc.adapter_dim, lora_rank=None,

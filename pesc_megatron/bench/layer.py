@@ -19,10 +19,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
-from pesc_megatron.model.builder import DTYPES, freeze_base, transformer_config
+from pesc_megatron.model.builder import DTYPES, transformer_config
+from pesc_megatron.model.config import ModelConfig, PESCConfig
+from pesc_megatron.model.roles import freeze_base
 from pesc_megatron.model.spec import pesc_mlp_spec
-from pesc_megatron.runtime import distributed
+from pesc_megatron.parallel import distributed
+from pesc_megatron.parallel.config import ParallelConfig
 
 
 
@@ -48,7 +50,7 @@ def _parse(argv):
 
 
 def _build_layer(a):
-    """One PESCMoELayer, frozen as `builder.freeze_base` freezes it inside a GPTModel."""
+    """One PESCMoELayer, frozen as `roles.freeze_base` freezes it inside a GPTModel."""
     from megatron.core.transformer.spec_utils import build_module
 
 

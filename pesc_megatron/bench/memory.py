@@ -27,20 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from pesc_megatron.config import (
-    LORA_TARGETS,
-    ConfigError,
-    LoRAConfig,
-    ModelConfig,
-    OptimConfig,
-    ParallelConfig,
-    PESCConfig,
-)
+from pesc_megatron.analysis.plan import Job, Layout, stage_memory
 from pesc_megatron.data import collate
 from pesc_megatron.model.builder import build_model
+from pesc_megatron.model.config import LORA_TARGETS, LoRAConfig, ModelConfig, PESCConfig
 from pesc_megatron.model.size import PRESETS
-from pesc_megatron.plan import Job, Layout, stage_memory
-from pesc_megatron.runtime.distributed import destroy, free_port, initialize
+from pesc_megatron.parallel.config import ParallelConfig
+from pesc_megatron.parallel.distributed import destroy, free_port, initialize
+from pesc_megatron.schema import ConfigError
+from pesc_megatron.train.config import OptimConfig
 from pesc_megatron.train.optim import build_optimizer
 from pesc_megatron.train.step import run_schedule, wrap_ddp
 

@@ -49,7 +49,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from pesc_megatron.atomic import atomic_path
+from pesc_megatron.checkpoint.atomic import atomic_path
 from pesc_megatron.data.formats import FORMAT_VERSION, DataError, render_record
 from pesc_megatron.data.tokenizer import Tokenizer
 

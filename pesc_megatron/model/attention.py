@@ -33,8 +33,9 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from pesc_megatron.config import ATTENTIONS, ConfigError
-from pesc_megatron.runtime.mcore_patches import have_te
+from pesc_megatron.parallel.mcore_patches import have_te
+from pesc_megatron.schema import ConfigError
+from pesc_megatron.train.config import ATTENTIONS
 
 try:  # torch's flash-attention varlen kernels (CUDA); absent in older releases
     from torch.nn.attention.varlen import varlen_attn

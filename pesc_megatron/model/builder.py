@@ -10,20 +10,14 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-from pesc_megatron.config import (
-    LoRAConfig,
-    ModelConfig,
-    ParallelConfig,
-    PESCConfig,
-    PrecisionConfig,
-    validate_layout,
-    validate_lora,
-)
 from pesc_megatron.model.attention import resolve_attention
-from pesc_megatron.model.lora import LoRA
-from pesc_megatron.model.pesc_layer import PESCAdapterExperts, PESCRouter, PESCTransformerConfig
+from pesc_megatron.model.config import LoRAConfig, ModelConfig, PESCConfig, validate_lora
+from pesc_megatron.model.pesc_layer import PESCTransformerConfig
+from pesc_megatron.model.precision import PrecisionConfig
+from pesc_megatron.model.roles import freeze_base
 from pesc_megatron.model.spec import get_pesc_block_spec
-from pesc_megatron.runtime.distributed import device
+from pesc_megatron.parallel.config import ParallelConfig, validate_layout
+from pesc_megatron.parallel.distributed import device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
            "fp64": torch.float64}
@@ -163,7 +157,7 @@ def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
     """One pipeline stage of the PESC GPTModel, frozen except routers, adapters and LoRA.
     With `precision.fp8` (Transformer Engine, GPU only) the base's linears are TE's.
 
-    Needs `parallel_state` initialised with the same layout (see runtime.initialize)."""
+    Needs `parallel_state` initialised with the same layout (see parallel.distributed.initialize)."""
     config = transformer_config(model, pesc, parallel, dtype, initialize, recompute, lora,
                                 precision, attention, experts)
     if pre_process is None:
@@ -192,21 +186,3 @@ def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
         # enable_input_require_grads).
         gpt.embedding.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
     return gpt
-
-
-# PESC trains the routers, the adapter experts and LoRA (if any); the rest is frozen.
-TRAINABLE_MODULES = (PESCRouter, PESCAdapterExperts, LoRA)
-
-
-def freeze_base(model: torch.nn.Module) -> None:
-    """Only the parameters of TRAINABLE_MODULES train (decided by module type, as PEFT does)."""
-    model.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, TRAINABLE_MODULES):
-            module.requires_grad_(True)
-
-
-def is_trainable(name: str) -> bool:
-    """The same rule on a parameter's or a checkpoint key's name (checkpoint files have names,
-    not modules); tests/unit/test_pesc_layer.py checks that the two agree."""
-    return ".mlp.router." in name or ".mlp.experts." in name or ".lora." in name

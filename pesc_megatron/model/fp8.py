@@ -49,7 +49,7 @@ from torchao.quantization.quantize_.workflows.float8.float8_tensor import (
     QuantizeTensorToFloat8Kwargs,
 )
 
-from pesc_megatron.config import FP8_MATMULS
+from pesc_megatron.model.precision import FP8_MATMULS
 
 # The modules whose frozen `weight` becomes FP8 (LoRA linears subclass the first two; their
 # own `lora.*` layers are trainable and therefore skipped).

@@ -3,7 +3,7 @@ architectures of the paper's runs. `pesc info` prints them; tests check them aga
 models."""
 from __future__ import annotations
 
-from pesc_megatron.config import LoRAConfig, ModelConfig, PESCConfig, lora_shapes
+from pesc_megatron.model.config import LoRAConfig, ModelConfig, PESCConfig, lora_shapes
 
 # Hugging Face configs of the paper's bases (and the quickstart's), as ModelConfig.
 PRESETS = {

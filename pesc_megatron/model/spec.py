@@ -16,11 +16,11 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from pesc_megatron.config import ConfigError
 from pesc_megatron.model.attention import SDPAttention
 from pesc_megatron.model.lora import LINEAR_TARGETS, LORA_LINEARS
 from pesc_megatron.model.norm import SequenceParallelTorchNorm
 from pesc_megatron.model.pesc_layer import PESCAdapterExperts, PESCMoELayer, PESCRouter
+from pesc_megatron.schema import ConfigError
 
 
 class _DropUnknownMLPWarning(logging.Filter):

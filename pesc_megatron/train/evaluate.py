@@ -16,22 +16,22 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from pesc_megatron.config import (
-    ATTENTIONS,
-    FP8_MATMULS,
-    FROZEN_WEIGHTS,
-    ConfigError,
-    ParallelConfig,
-    PrecisionConfig,
-    check_fp8_machine,
-    validate_layout,
-    validate_precision,
-)
-from pesc_megatron.convert import checkpoint
+from pesc_megatron.checkpoint import base as checkpoint
+from pesc_megatron.checkpoint.format import TOKENIZER, read_info
 from pesc_megatron.data import build_dataset, collate, load_tokenizer
 from pesc_megatron.model.attention import resolve_attention
 from pesc_megatron.model.fp8 import describe_frozen
-from pesc_megatron.runtime.distributed import destroy, device, initialize, say
+from pesc_megatron.model.precision import (
+    FP8_MATMULS,
+    FROZEN_WEIGHTS,
+    PrecisionConfig,
+    check_fp8_machine,
+    validate_precision,
+)
+from pesc_megatron.parallel.config import ParallelConfig, validate_layout
+from pesc_megatron.parallel.distributed import destroy, device, initialize, say
+from pesc_megatron.schema import ConfigError
+from pesc_megatron.train.config import ATTENTIONS
 from pesc_megatron.train.step import forward_only
 
 
@@ -118,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     validate_precision(precision, args.dtype)
     check_fp8_machine(precision)
     resolve_attention(args.attention, "--attention")
-    info = checkpoint.read_info(args.ckpt)
+    info = read_info(args.ckpt)
     try:
         validate_layout(info.model, info.pesc, par, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         raise ConfigError(f"{args.ckpt}: {e}") from None
-    tokenizer = load_tokenizer(args.tokenizer or info.base / checkpoint.TOKENIZER)
+    tokenizer = load_tokenizer(args.tokenizer or info.base / TOKENIZER)
     # Every rank reads the files itself: evaluation sets are small.
     dataset = build_dataset(args.data, tokenizer, args.seq_length, packing=args.packing,
                             cache_dir=args.cache_dir)

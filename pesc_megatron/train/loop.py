@@ -22,25 +22,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from pesc_megatron import atomic
-from pesc_megatron.config import (
-    ConfigError,
-    JobConfig,
-    LoRAConfig,
-    check_batch_layout,
-    check_fp8_machine,
-    from_dict,
-    load_job,
-    validate_layout,
-    validate_lora,
-)
-from pesc_megatron.convert import checkpoint as pesc_checkpoint
+from pesc_megatron.checkpoint import atomic, base as pesc_checkpoint, training as train_checkpoint
+from pesc_megatron.checkpoint.format import TOKENIZER, TRAIN_META, check_lora, read_info
 from pesc_megatron.data import DataError, build_dataset, collate, load_tokenizer
 from pesc_megatron.model.attention import resolve_attention
+from pesc_megatron.model.config import LoRAConfig, validate_lora
 from pesc_megatron.model.fp8 import describe_frozen
+from pesc_megatron.model.precision import check_fp8_machine
 from pesc_megatron.model.size import count_parameters
-from pesc_megatron.runtime.distributed import destroy, initialize, is_rank0, say, set_seed
-from pesc_megatron.train import checkpoint as train_checkpoint
+from pesc_megatron.parallel.config import validate_layout
+from pesc_megatron.parallel.distributed import destroy, initialize, is_rank0, say, set_seed
+from pesc_megatron.schema import ConfigError, from_dict
+from pesc_megatron.train.config import JobConfig, check_batch_layout, load_job
 from pesc_megatron.train.evaluate import evaluate, last_stage_sum
 from pesc_megatron.train.metrics import load_imbalance, pop_expert_load, pop_router_losses
 from pesc_megatron.train.optim import build_optimizer, build_scheduler
@@ -192,10 +185,10 @@ def check_resumable(latest: Path, state: dict, job: JobConfig, info) -> None:
                           f"model.checkpoint is {info.base.resolve()}")
     saved = state["config"]["resolved"]
     saved_lora = from_dict(LoRAConfig, saved.get("lora") or {})
-    if pesc_checkpoint.lora_shape(saved_lora) != pesc_checkpoint.lora_shape(job.lora):
+    if saved_lora.shape() != job.lora.shape():
         raise ConfigError(f"lora: {latest} was trained with LoRA "
-                          f"{pesc_checkpoint.lora_shape(saved_lora)}, the job asks for "
-                          f"{pesc_checkpoint.lora_shape(job.lora)} (use a new train.out_dir)")
+                          f"{saved_lora.shape()}, the job asks for "
+                          f"{job.lora.shape()} (use a new train.out_dir)")
     for section, key in DATA_STREAM_KEYS:
         now = getattr(getattr(job, section), key)
         if saved[section][key] != now:
@@ -213,11 +206,11 @@ def run(job: JobConfig, config_source: dict) -> dict:
     final metrics row."""
     out_dir = Path(job.train.out_dir)
     checkpoints = out_dir / "checkpoints"
-    info = pesc_checkpoint.read_info(job.model.checkpoint)
+    info = read_info(job.model.checkpoint)
     num_mb = check_batch_layout(job, dist.get_world_size())
     mbs, gbs, seq = job.train.micro_batch_size, job.train.global_batch_size, job.data.seq_length
 
-    tokenizer = load_tokenizer(job.data.tokenizer or info.base / pesc_checkpoint.TOKENIZER)
+    tokenizer = load_tokenizer(job.data.tokenizer or info.base / TOKENIZER)
     cache_dir = Path(job.data.cache_dir or out_dir / "token_cache")
     train_ds = build_data(job.data.train, tokenizer, job, cache_dir, job.data.packing)
     valid_ds = (build_data(job.data.valid, tokenizer, job, cache_dir, job.data.packing)
@@ -228,7 +221,7 @@ def run(job: JobConfig, config_source: dict) -> dict:
         say(f"data: valid {valid_ds.stats.summary()}")
 
     latest = train_checkpoint.find_latest(checkpoints)
-    resumed = json.loads((latest / pesc_checkpoint.TRAIN_META).read_text()) if latest else None
+    resumed = json.loads((latest / TRAIN_META).read_text()) if latest else None
     if resumed is not None:
         check_resumable(latest, resumed, job, info)
     # On resume the routers and adapters come from our own checkpoint: build from the base.
@@ -352,12 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     job = load_job(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    info = pesc_checkpoint.read_info(job.model.checkpoint)
+    info = read_info(job.model.checkpoint)
     pesc = dataclasses.replace(info.pesc, **job.pesc)
     try:
         validate_layout(info.model, pesc, job.parallel, world)
         validate_lora(job.lora, info.model)
-        pesc_checkpoint.check_lora(info, job.lora, job.model.checkpoint)
+        check_lora(info, job.lora, job.model.checkpoint)
     except ConfigError as e:
         raise ConfigError(f"{args.config}: {e}") from None
     check_batch_layout(job, world)

@@ -7,8 +7,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from pesc_megatron.model.pesc_layer import PESCMoELayer
-from pesc_megatron.runtime.distributed import device
-from pesc_megatron.runtime.mcore_compat import clear_moe_aux_losses, moe_aux_loss_tracker
+from pesc_megatron.parallel.distributed import device
+from pesc_megatron.parallel.mcore_compat import clear_moe_aux_losses, moe_aux_loss_tracker
 
 
 def pop_router_losses(num_microbatches: int) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from pesc_megatron.config import OptimConfig
+from pesc_megatron.train.config import OptimConfig
 
 # megatron-core's names for our schedules (warmup is linear from 0 in all of them).
 DECAY_STYLE = {"constant_with_warmup": "constant", "cosine": "cosine", "linear": "linear"}

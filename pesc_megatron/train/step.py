@@ -13,7 +13,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from pesc_megatron.model.attention import block_causal_mask, uses_thd
-from pesc_megatron.runtime.distributed import device
+from pesc_megatron.parallel.distributed import device
 
 
 def wrap_ddp(model: torch.nn.Module,

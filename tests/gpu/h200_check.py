@@ -31,8 +31,9 @@ PEAK = {"bf16": 989e12, "fp8": 1979e12}
 
 
 def build(shape: dict, layers: int, dtype: str):
-    from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
     from pesc_megatron.model.builder import build_model
+    from pesc_megatron.model.config import ModelConfig, PESCConfig
+    from pesc_megatron.parallel.config import ParallelConfig
 
     return build_model(
         ModelConfig(hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
@@ -71,8 +72,8 @@ def step(model, data) -> torch.Tensor:
 
 def cpu_reference(path: str) -> None:
     """In a child without CUDA: the tiny model's weights, loss and trainable gradients."""
-    from pesc_megatron.config import ParallelConfig
-    from pesc_megatron.runtime.distributed import destroy, initialize
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.parallel.distributed import destroy, initialize
 
     initialize(ParallelConfig(), seed=3)
     model = build(TINY, 2, "fp32")
@@ -108,8 +109,9 @@ def parity(workdir: str) -> dict:
 
 def _config(shape: dict, dtype: str):
     """The one-layer TransformerConfig of `shape` (dropout off)."""
-    from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
     from pesc_megatron.model.builder import transformer_config
+    from pesc_megatron.model.config import ModelConfig, PESCConfig
+    from pesc_megatron.parallel.config import ParallelConfig
 
     return transformer_config(
         ModelConfig(hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
@@ -288,8 +290,8 @@ def main() -> None:
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("no CUDA device (use --dry-run to check the script on CPU)")
 
-    from pesc_megatron.config import ParallelConfig
-    from pesc_megatron.runtime.distributed import destroy, device, initialize
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.parallel.distributed import destroy, device, initialize
 
     os.makedirs(args.workdir, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity, not TF32's 10-bit mantissa

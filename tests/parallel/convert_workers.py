@@ -15,9 +15,9 @@ def logits_worker(ckpt: str, layout: dict, tokens_path: str, out_path: str,
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from pesc_megatron.config import ParallelConfig
-    from pesc_megatron.convert import checkpoint
-    from pesc_megatron.runtime.distributed import destroy, initialize
+    from pesc_megatron.checkpoint import base as checkpoint
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.parallel.distributed import destroy, initialize
 
     par = ParallelConfig(**layout)
     initialize(par, seed=3)

@@ -14,9 +14,9 @@ STEPS, SAVE_AFTER, LR, CLIP = 3, 2, 1e-2, 1e-4
 def _trainer(par, distributed: bool):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from pesc_megatron.config import ModelConfig, PESCConfig
     from pesc_megatron.model.builder import build_model
-    from pesc_megatron.runtime.distributed import set_seed
+    from pesc_megatron.model.config import ModelConfig, PESCConfig
+    from pesc_megatron.parallel.distributed import set_seed
     from pesc_megatron.train.step import wrap_ddp
 
     set_seed(7)  # the same frozen weights for every trainer of this run
@@ -66,8 +66,8 @@ def _run(layout: dict, sharding: str, ckpt_dir: str) -> dict:
     plain run) and the trainable parameters of each run."""
     from megatron.core import dist_checkpointing, parallel_state as ps
 
-    from pesc_megatron.config import ParallelConfig
-    from pesc_megatron.runtime.distributed import initialize
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.parallel.distributed import initialize
 
     par = ParallelConfig(**layout)
     initialize(par, seed=7)
@@ -118,7 +118,7 @@ def optimizer_worker(runs: dict, root: str) -> None:
     (start-up dominates); rank r saves {name: results} to root/rank<r>.pt."""
     import os
 
-    from pesc_megatron.runtime.distributed import destroy
+    from pesc_megatron.parallel.distributed import destroy
 
     results = {}
     for name, (layout, sharding) in runs.items():

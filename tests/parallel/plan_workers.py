@@ -29,12 +29,20 @@ def _measure(layout: dict, lora: bool, tied: bool, distributed: bool) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from pesc_megatron.config import LoRAConfig, ModelConfig, ParallelConfig, PESCConfig
+    from pesc_megatron.analysis.plan import (
+        Job,
+        Layout,
+        frozen_bytes,
+        gradient_bytes,
+        optimizer_bytes,
+        trainable_bytes,
+        trainable_counts,
+    )
     from pesc_megatron.model.builder import build_model
+    from pesc_megatron.model.config import LoRAConfig, ModelConfig, PESCConfig
     from pesc_megatron.model.fp8 import convert_frozen_weights, frozen_weight_bytes
-    from pesc_megatron.plan import (Job, Layout, frozen_bytes, gradient_bytes, optimizer_bytes,
-                                    trainable_bytes, trainable_counts)
-    from pesc_megatron.runtime.distributed import initialize
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.parallel.distributed import initialize
     from pesc_megatron.train.step import forward_backward, forward_only, wrap_ddp
 
     par = ParallelConfig(**layout)
@@ -83,7 +91,7 @@ def _measure(layout: dict, lora: bool, tied: bool, distributed: bool) -> dict:
 def plan_worker(runs: dict, root: str) -> None:
     """`_measure` for each of `runs` ({name: kwargs}) in one set of processes; rank r saves
     {name: result} to root/rank<r>.pt."""
-    from pesc_megatron.runtime.distributed import destroy
+    from pesc_megatron.parallel.distributed import destroy
 
     results = {name: _measure(**kwargs) for name, kwargs in runs.items()}
     torch.save(results, os.path.join(root, f"rank{dist.get_rank()}.pt"))

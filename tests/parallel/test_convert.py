@@ -53,7 +53,7 @@ def make_hf(kind: str, folder):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, single_rank):
     """{kind: (hf_folder, pesc_ckpt, tokens_path, reference_logits)}."""
-    from pesc_megatron.convert.hf_to_pesc import convert
+    from pesc_megatron.interop.hf_to_pesc import convert
 
     root = tmp_path_factory.mktemp("convert")
     tokens = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator()
@@ -90,7 +90,7 @@ def test_logits_match_transformers(converted, kind, layout):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_hf_to_pesc_to_hf_is_bit_exact(converted, kind, tmp_path):
-    from pesc_megatron.convert.pesc_to_hf import export
+    from pesc_megatron.interop.pesc_to_hf import export
 
     hf, ckpt, _, _ = converted[1][kind]
     original = {}
@@ -126,8 +126,8 @@ def test_adapters_reshard_export_and_round_trip(converted, tmp_path):
     from megatron.core.dist_checkpointing import load_plain_tensors
     from transformers import AutoModelForCausalLM
 
-    from pesc_megatron.convert.hf_to_pesc import convert
-    from pesc_megatron.convert.pesc_to_hf import export
+    from pesc_megatron.interop.hf_to_pesc import convert
+    from pesc_megatron.interop.pesc_to_hf import export
 
     root, models = converted
     _, ckpt, tokens, _ = models["llama"]

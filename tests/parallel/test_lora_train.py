@@ -24,8 +24,8 @@ def run(tmp_path_factory, single_rank):
 
 
 def megatron_logits(ckpt, tokens):
-    from pesc_megatron.config import ParallelConfig
-    from pesc_megatron.convert import checkpoint
+    from pesc_megatron.checkpoint import base as checkpoint
+    from pesc_megatron.parallel.config import ParallelConfig
 
     model, info = checkpoint.load(ckpt, ParallelConfig())
     model.eval()
@@ -43,7 +43,7 @@ def close(got, want, rel=1e-4):
 def test_lora_trains_and_exports_merged(run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pesc_megatron.convert.pesc_to_hf import export
+    from pesc_megatron.interop.pesc_to_hf import export
 
     root, _ = run
     rows = history(root / "run")
@@ -70,7 +70,7 @@ def test_unmerged_export_is_a_peft_adapter(run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pesc_megatron.convert.pesc_to_hf import export
+    from pesc_megatron.interop.pesc_to_hf import export
 
     root, _ = run
     tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4))

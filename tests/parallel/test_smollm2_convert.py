@@ -17,7 +17,7 @@ pytestmark = needs_smollm2
 def smollm2(tmp_path_factory, single_rank, smollm2_folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pesc_megatron.convert.hf_to_pesc import convert
+    from pesc_megatron.interop.hf_to_pesc import convert
 
     folder = smollm2_folder
     root = tmp_path_factory.mktemp("smollm2")

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from pesc_megatron.runtime.distributed import free_port
+from pesc_megatron.parallel.distributed import free_port
 from tests import tiny
 from tests.tiny import ENV, ROOT, evaluate, history, torchrun, train
 
@@ -227,9 +227,9 @@ def test_two_node_launch_matches_one_node(job):
 def test_packing_gives_unpacked_per_sample_loss(job, attention):
     """Through the real model (non-zero adapters, GQA): each sample's token losses are the same
     packed (THD boundaries, RoPE restarted per sample) as alone in its own sequence."""
-    from pesc_megatron.config import ParallelConfig
-    from pesc_megatron.convert import checkpoint
+    from pesc_megatron.checkpoint import base as checkpoint
     from pesc_megatron.data import build_dataset, collate, load_tokenizer
+    from pesc_megatron.parallel.config import ParallelConfig
     from pesc_megatron.train.step import model_inputs
 
     root, ckpt, _ = job
@@ -267,9 +267,9 @@ def test_export_of_a_training_checkpoint(job, reference, tmp_path):
     """`pesc convert pesc-to-hf` on the run folder writes the trained routers and adapters."""
     from safetensors.torch import load_file
 
-    from pesc_megatron.config import ParallelConfig
-    from pesc_megatron.convert import checkpoint
-    from pesc_megatron.convert.pesc_to_hf import export
+    from pesc_megatron.checkpoint import base as checkpoint
+    from pesc_megatron.interop.pesc_to_hf import export
+    from pesc_megatron.parallel.config import ParallelConfig
 
     root, ckpt, _ = job
     out = export(reference, tmp_path / "hf")

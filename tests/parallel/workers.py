@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pesc_megatron.runtime.distributed import free_port
+from pesc_megatron.parallel.distributed import free_port
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
@@ -86,9 +86,10 @@ def parity_worker(layout: dict, ckpt_dir: str, out_path: str) -> None:
     from megatron.core import dist_checkpointing, parallel_state as ps
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from pesc_megatron.config import LoRAConfig, ModelConfig, ParallelConfig, PESCConfig
     from pesc_megatron.model.builder import build_model
-    from pesc_megatron.runtime.distributed import destroy, initialize
+    from pesc_megatron.model.config import LoRAConfig, ModelConfig, PESCConfig
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.parallel.distributed import destroy, initialize
     from pesc_megatron.train.step import forward_backward, wrap_ddp
 
     layout = dict(layout)

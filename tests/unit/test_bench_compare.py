@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pesc_megatron.bench.compare import ReferencePESC, _build, _ratios, markdown, measure
-from pesc_megatron.config import PESCConfig
+from pesc_megatron.model.config import PESCConfig
 from pesc_megatron.model.size import PRESETS, count_parameters
 
 

@@ -4,14 +4,9 @@ import sys
 
 import pytest
 
-from pesc_megatron.config import (
-    ConfigError,
-    ModelConfig,
-    ParallelConfig,
-    PESCConfig,
-    from_dict,
-    validate_layout,
-)
+from pesc_megatron.model.config import ModelConfig, PESCConfig
+from pesc_megatron.parallel.config import ParallelConfig, validate_layout
+from pesc_megatron.schema import ConfigError, from_dict
 
 MODEL = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                     num_attention_heads=6, num_key_value_heads=2)
@@ -78,8 +73,10 @@ def test_paper_configs_are_valid_for_their_models(name, preset, world):
     """The paper's job files load, and their layout and LoRA fit the model they are for."""
     from pathlib import Path
 
-    from pesc_megatron.config import check_batch_layout, load_job, validate_layout, validate_lora
+    from pesc_megatron.model.config import validate_lora
     from pesc_megatron.model.size import PRESETS
+    from pesc_megatron.parallel.config import validate_layout
+    from pesc_megatron.train.config import check_batch_layout, load_job
 
     path = Path(__file__).resolve().parents[2] / "examples" / "configs" / f"{name}.yaml"
     job = load_job(str(path))

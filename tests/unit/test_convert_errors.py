@@ -91,8 +91,8 @@ def test_out_must_not_be_the_input(hf, tmp_path):
 
 @pytest.mark.multiprocess
 def test_camelidae_adapter_shapes_must_match_config(hf, tmp_path, single_rank):
-    from pesc_megatron.convert.hf_to_pesc import convert
-    from pesc_megatron.convert.pesc_to_hf import export
+    from pesc_megatron.interop.hf_to_pesc import convert
+    from pesc_megatron.interop.pesc_to_hf import export
 
     ckpt, exported = tmp_path / "ckpt", tmp_path / "camelidae"
     convert(hf, ckpt, dict(num_experts=4, adapter_dim=8), dtype="fp32")
@@ -105,9 +105,10 @@ def test_camelidae_adapter_shapes_must_match_config(hf, tmp_path, single_rank):
 
 
 def test_tp_must_divide_heads_at_load_time(hf, tmp_path, single_rank):
-    from pesc_megatron.config import ConfigError, ParallelConfig
-    from pesc_megatron.convert import checkpoint
-    from pesc_megatron.convert.hf_to_pesc import convert
+    from pesc_megatron.checkpoint import base as checkpoint
+    from pesc_megatron.interop.hf_to_pesc import convert
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.schema import ConfigError
 
     convert(hf, tmp_path / "ckpt", dict(num_experts=4, adapter_dim=8), dtype="fp32")
     with pytest.raises(ConfigError, match="parallel.tp=3 does not divide "

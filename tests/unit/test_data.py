@@ -6,8 +6,16 @@ import shutil
 import pytest
 import torch
 
-from pesc_megatron.data import (DataError, SentencePieceTokenizer, build_dataset, collate,
-                                first_fit, load_tokenizer, render_record, to_training_example)
+from pesc_megatron.data import (
+    DataError,
+    SentencePieceTokenizer,
+    build_dataset,
+    collate,
+    first_fit,
+    load_tokenizer,
+    render_record,
+    to_training_example,
+)
 
 from tests.conftest import needs_smollm2
 
@@ -411,9 +419,9 @@ def test_conversion_copies_every_file_of_the_tokenizers_identity(tmp_path):
     same token cache."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pesc_megatron.convert import checkpoint
-    from pesc_megatron.convert.hf_to_pesc import convert
+    from pesc_megatron.checkpoint.format import TOKENIZER
     from pesc_megatron.data import load_tokenizer
+    from pesc_megatron.interop.hf_to_pesc import convert
     from tests import tiny
 
     hf = tmp_path / "hf"
@@ -425,6 +433,6 @@ def test_conversion_copies_every_file_of_the_tokenizers_identity(tmp_path):
                                  max_position_embeddings=64)).save_pretrained(hf)
     out = convert(hf, tmp_path / "base", dict(num_experts=2, topk=2, adapter_dim=4),
                   dtype="fp32")
-    copied = out / checkpoint.TOKENIZER
+    copied = out / TOKENIZER
     assert (copied / "added_tokens.json").is_file() and (copied / "vocab.txt").is_file()
     assert load_tokenizer(copied).identity == load_tokenizer(hf).identity

@@ -3,16 +3,10 @@ within e4m3's rounding, gradients, memory, LoRA, and the precision settings' err
 import pytest
 import torch
 
-from pesc_megatron.config import (
-    ConfigError,
-    LoRAConfig,
-    ModelConfig,
-    ParallelConfig,
-    PESCConfig,
-    PrecisionConfig,
-    check_fp8_machine,
-    validate_precision,
-)
+from pesc_megatron.model.config import LoRAConfig, ModelConfig, PESCConfig
+from pesc_megatron.model.precision import PrecisionConfig, check_fp8_machine, validate_precision
+from pesc_megatron.parallel.config import ParallelConfig
+from pesc_megatron.schema import ConfigError
 from tests.fp8_check import check_frozen_linear
 
 
@@ -81,7 +75,7 @@ def test_trainable_gradients_flow_with_lora(single_rank, matmul):
     exactly the model whose frozen weights are the e4m3-rounded ones (same loss and gradients
     up to fp32 summation order); `scaled_mm` also rounds activations, so only the direction
     of each gradient is compared (to the fp32 model's)."""
-    from pesc_megatron.convert.checkpoint import trainable_sharded_state_dict
+    from pesc_megatron.checkpoint.sharded import trainable_sharded_state_dict
     from pesc_megatron.model.fp8 import convert_frozen_weights
 
     model, reference = tiny_model(hidden=64, lora=True), tiny_model(hidden=64, lora=True)
@@ -192,8 +186,8 @@ def test_te_fp8_settings_map_to_megatron_core_fields():
     from megatron.core.enums import Fp8Recipe
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from pesc_megatron.config import TE_FP8_RECIPES
     from pesc_megatron.model.builder import te_fp8_fields
+    from pesc_megatron.model.precision import TE_FP8_RECIPES
 
     assert te_fp8_fields(PrecisionConfig()) == {} and te_fp8_fields(None) == {}
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
@@ -229,7 +223,7 @@ def test_te_layer_spec():
 
 
 def test_job_precision_section():
-    from pesc_megatron.config import job_from_dict
+    from pesc_megatron.train.config import job_from_dict
 
     base = {"model": {"checkpoint": "ckpt"}, "data": {"train": ["a.jsonl"]}}
     job = job_from_dict({**base, "precision": {"frozen_weights": "fp8"}})

@@ -11,7 +11,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from pesc_megatron.convert.hf_modeling import CamelidaeConfig, CamelidaeForCausalLM, register_auto_classes
+from pesc_megatron.interop.hf_modeling import (
+    CamelidaeConfig,
+    CamelidaeForCausalLM,
+    register_auto_classes,
+)
 
 TINY = dict(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -4,8 +4,9 @@ import json
 import pytest
 
 from pesc_megatron.cli import main
-from pesc_megatron.config import LoRAConfig, ModelConfig, ParallelConfig, PESCConfig
+from pesc_megatron.model.config import LoRAConfig, ModelConfig, PESCConfig
 from pesc_megatron.model.size import count_parameters
+from pesc_megatron.parallel.config import ParallelConfig
 
 
 @pytest.mark.parametrize("model,lora", [

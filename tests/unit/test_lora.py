@@ -4,15 +4,15 @@ own mapping), a fresh LoRA changes nothing, the trainable set, and the configura
 import pytest
 import torch
 
-from pesc_megatron.config import (
+from pesc_megatron.model.config import (
     LORA_TARGETS,
-    ConfigError,
     LoRAConfig,
     ModelConfig,
-    ParallelConfig,
     PESCConfig,
     validate_lora,
 )
+from pesc_megatron.parallel.config import ParallelConfig
+from pesc_megatron.schema import ConfigError
 
 MODEL = ModelConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
@@ -28,7 +28,7 @@ def build(targets, rank=4, alpha=8.0, dtype="fp64"):
 
 def merged_weight(linear, name):
     """The base weight plus every targeted projection's (alpha/r) B A, fused like the base."""
-    from pesc_megatron.convert.mapping import to_megatron
+    from pesc_megatron.interop.reshape import to_megatron
     from pesc_megatron.model.lora import LINEAR_TARGETS
 
     lora = linear.lora
@@ -97,20 +97,20 @@ def test_fresh_lora_changes_nothing_and_is_trainable(single_rank):
     assert all(".lora." not in n and ".router." not in n for n in frozen)
 
 
-@pytest.mark.parametrize("lora,message", [
-    (LoRAConfig(targets=["q_proj", "qkv_proj"]), r"lora.targets: 'qkv_proj' matches no module"),
-    (LoRAConfig(targets="q_proj"), r"lora.targets='q_proj': expected a list"),
-    (LoRAConfig(targets=["q_proj", "q_proj"]), r"listed twice"),
-    (LoRAConfig(targets=["q_proj"], rank=0), r"lora.rank=0: must be >= 1"),
-    (LoRAConfig(targets=["q_proj"], rank=-4), r"lora.rank=-4: must be >= 1"),
-    (LoRAConfig(targets=["k_proj"], rank=17),
+@pytest.mark.parametrize("settings,message", [
+    (dict(targets=["q_proj", "qkv_proj"]), r"lora.targets: 'qkv_proj' matches no module"),
+    (dict(targets="q_proj"), r"lora.targets='q_proj': expected a list"),
+    (dict(targets=["q_proj", "q_proj"]), r"listed twice"),
+    (dict(targets=["q_proj"], rank=0), r"lora.rank=0: must be >= 1"),
+    (dict(targets=["q_proj"], rank=-4), r"lora.rank=-4: must be >= 1"),
+    (dict(targets=["k_proj"], rank=17),
      r"lora.rank=17: larger than k_proj \(32 inputs, 16 outputs\); use at most 16"),
-    (LoRAConfig(targets=["q_proj"], rank=4, alpha=0), r"lora.alpha=0: must be > 0"),
-    (LoRAConfig(targets=["q_proj"], rank=4, dropout=1.0), r"lora.dropout=1.0: must be in \[0, 1\)"),
+    (dict(targets=["q_proj"], rank=4, alpha=0), r"lora.alpha=0: must be > 0"),
+    (dict(targets=["q_proj"], rank=4, dropout=1.0), r"lora.dropout=1.0: must be in \[0, 1\)"),
 ])
-def test_bad_lora_settings(lora, message):
+def test_bad_lora_settings(settings, message):
     with pytest.raises(ConfigError, match=message) as e:
-        validate_lora(lora, MODEL)
+        validate_lora(LoRAConfig(**settings), MODEL)
     assert "\n" not in str(e.value)
 
 

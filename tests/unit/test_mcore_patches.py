@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pesc_megatron.runtime import mcore_patches
+from pesc_megatron.parallel import mcore_patches
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU backend is CPU-only")
 
@@ -139,9 +139,10 @@ def _tiny_trainer(dtype="fp32", distributed=False, clip_grad=1e-4, log_num_zeros
     megatron-core DDP and megatron-core's Adam at one rank."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
     from pesc_megatron.model.builder import build_model
-    from pesc_megatron.runtime.distributed import set_seed
+    from pesc_megatron.model.config import ModelConfig, PESCConfig
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.parallel.distributed import set_seed
     from pesc_megatron.train.step import wrap_ddp
     from tests.parallel.workers import TINY_MODEL
 

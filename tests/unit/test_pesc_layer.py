@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pesc_megatron.config import ModelConfig, ParallelConfig, PESCConfig
+from pesc_megatron.model.config import ModelConfig, PESCConfig
+from pesc_megatron.parallel.config import ParallelConfig
 
 H, FFN, E = 32, 48, 4
 MODEL = ModelConfig(hidden_size=H, intermediate_size=FFN, num_hidden_layers=2,
@@ -158,9 +159,10 @@ def test_only_router_and_adapters_train(single_rank):
 
 def test_trainable_by_module_type_agrees_with_the_checkpoint_key_rule(single_rank):
     """freeze_base decides by module type (router, adapter experts, LoRA); checkpoint files are
-    filtered by key (builder.is_trainable): both pick the same parameters, LoRA included."""
-    from pesc_megatron.config import LORA_TARGETS, LoRAConfig
-    from pesc_megatron.model.builder import build_model, is_trainable
+    filtered by key (roles.is_trainable): both pick the same parameters, LoRA included."""
+    from pesc_megatron.model.builder import build_model
+    from pesc_megatron.model.config import LORA_TARGETS, LoRAConfig
+    from pesc_megatron.model.roles import is_trainable
 
     model = build_model(MODEL, PESCConfig(num_experts=E, adapter_dim=8), ParallelConfig(),
                         lora=LoRAConfig(targets=list(LORA_TARGETS), rank=4))
@@ -180,7 +182,7 @@ def _imbalance(layer, x):
 def test_balancing_loss_is_switch_loss_and_its_gradient_balances(single_rank):
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from pesc_megatron.runtime.mcore_compat import clear_moe_aux_losses, moe_aux_loss_tracker
+    from pesc_megatron.parallel.mcore_compat import clear_moe_aux_losses, moe_aux_loss_tracker
 
     torch.manual_seed(0)
     alpha, k = 0.01, 2
@@ -227,7 +229,7 @@ def test_expert_load_counts_every_assignment(single_rank):
 def test_padding_is_not_routing_load(single_rank):
     """Pad positions (padding_mask True) count neither in the expert load nor in the balancing
     loss: the loss with padding equals the loss of the valid tokens alone."""
-    from pesc_megatron.runtime.mcore_compat import clear_moe_aux_losses, moe_aux_loss_tracker
+    from pesc_megatron.parallel.mcore_compat import clear_moe_aux_losses, moe_aux_loss_tracker
 
     torch.manual_seed(0)
     layer = make_layer(topk=2, aux_loss_coeff=1.0)
@@ -290,7 +292,7 @@ def test_activation_recompute_gives_the_same_gradients(single_rank, recompute):
     """megatron-core's recompute (with adapter dropout: the RNG is replayed) changes memory,
     not the loss or the router/adapter gradients."""
     from pesc_megatron.model.builder import build_model
-    from pesc_megatron.runtime.distributed import set_seed
+    from pesc_megatron.parallel.distributed import set_seed
     from pesc_megatron.train.step import forward_backward, wrap_ddp
 
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler

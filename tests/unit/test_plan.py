@@ -5,10 +5,17 @@ import json
 import pytest
 import torch
 
+from pesc_megatron.analysis.plan import (
+    Job,
+    Layout,
+    frozen_bytes,
+    stage_activations,
+    trainable_counts,
+)
 from pesc_megatron.cli import main
-from pesc_megatron.config import LORA_TARGETS, LoRAConfig, ModelConfig, ParallelConfig, PESCConfig
+from pesc_megatron.model.config import LORA_TARGETS, LoRAConfig, ModelConfig, PESCConfig
 from pesc_megatron.model.size import PRESETS, count_parameters
-from pesc_megatron.plan import Job, Layout, frozen_bytes, stage_activations, trainable_counts
+from pesc_megatron.parallel.config import ParallelConfig
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -9,9 +9,9 @@ from matplotlib import colormaps
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.image import imread
 
-from pesc_megatron import report
+from pesc_megatron.analysis import report
 from pesc_megatron.cli import main as cli_main
-from pesc_megatron.config import ConfigError
+from pesc_megatron.schema import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = [2, 4, 6, 8, 10, 12]  # log_interval 2

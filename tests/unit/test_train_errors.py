@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from pesc_megatron.cli import main
-from pesc_megatron.config import ConfigError, apply_overrides, load_job
+from pesc_megatron.schema import ConfigError
+from pesc_megatron.train.config import apply_overrides, load_job
 from tests import tiny
 
 

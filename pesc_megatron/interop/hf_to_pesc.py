@@ -6,12 +6,16 @@ from pathlib import Path
 
 import torch
 
-from pesc_megatron.config import ConfigError, ParallelConfig, PESCConfig, validate_pesc
-from pesc_megatron.convert import checkpoint
-from pesc_megatron.convert.mapping import expand, read_hf_config, rules_for, to_megatron
+from pesc_megatron.checkpoint import base as checkpoint
+from pesc_megatron.checkpoint.format import CheckpointInfo, check_out
 from pesc_megatron.data.tokenizer import HF_TOKENIZER_FILES
+from pesc_megatron.interop.mapping import expand, read_hf_config, rules_for
+from pesc_megatron.interop.reshape import to_megatron
 from pesc_megatron.model.builder import build_model
-from pesc_megatron.runtime.distributed import initialize
+from pesc_megatron.model.config import PESCConfig
+from pesc_megatron.parallel.config import ParallelConfig
+from pesc_megatron.parallel.distributed import initialize
+from pesc_megatron.schema import ConfigError
 
 # Copied into the checkpoint's tokenizer folder: every file of the tokenizer's identity
 # (data/tokenizer.py), and the generation defaults.
@@ -83,7 +87,7 @@ def convert(hf_dir: str | Path, out: str | Path, pesc: dict | None = None, dtype
     `pesc` holds PESCConfig fields for crafting a dense model; a Camelidae checkpoint brings
     its own settings, router and adapters, and must not be given any."""
     hf_dir, out = Path(hf_dir), Path(out)
-    checkpoint.check_out(out, force, source=hf_dir)
+    check_out(out, force, source=hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
@@ -93,7 +97,6 @@ def convert(hf_dir: str | Path, out: str | Path, pesc: dict | None = None, dtype
         raise ConfigError(f"{config_path}: a Camelidae checkpoint brings its own PESC settings; "
                           f"do not pass {', '.join(sorted(pesc))}")
     pesc_cfg = pesc_cfg or PESCConfig(**(pesc or {}))
-    validate_pesc(pesc_cfg)
     weights = HFWeights(hf_dir)  # fails early on missing shards
 
     initialize(ParallelConfig())
@@ -122,5 +125,5 @@ def convert(hf_dir: str | Path, out: str | Path, pesc: dict | None = None, dtype
         raise ConfigError(f"{hf_dir}: {len(unused)} tensors have no place in {arch}, e.g. "
                           f"{unused[0]}")
     tokenizer = [hf_dir / f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
-    info = checkpoint.CheckpointInfo(model_cfg, pesc_cfg, dtype, hf_config)
+    info = CheckpointInfo(model_cfg, pesc_cfg, dtype, hf_config)
     return checkpoint.save(model, out, info, tokenizer, force=force)

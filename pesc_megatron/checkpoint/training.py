@@ -1,6 +1,6 @@
 """Training checkpoints: only what training changes (routers, adapters, optimizer state) through
 `dist_checkpointing`, plus `train_state.json` (base checkpoint, iteration, data position,
-LR-schedule state, the job's config). Layout in convert/checkpoint.py.
+LR-schedule state, the job's config). Layout in checkpoint/format.py.
 
 Written atomically: everything goes to a hidden `.iter_NNNNNNN.partial-*` folder, which is
 renamed to `iter_NNNNNNN` when complete; then `latest` is replaced (write + rename) and folders
@@ -18,15 +18,9 @@ from typing import Optional
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from pesc_megatron import atomic
-from pesc_megatron.convert.checkpoint import (
-    LATEST,
-    TRAIN_FORMAT,
-    TRAIN_META,
-    WEIGHTS,
-    save_sharded,
-    trainable_sharded_state_dict,
-)
+from pesc_megatron.checkpoint import atomic
+from pesc_megatron.checkpoint.format import LATEST, TRAIN_FORMAT, TRAIN_META, WEIGHTS
+from pesc_megatron.checkpoint.sharded import save_sharded, trainable_sharded_state_dict
 
 
 def iter_name(iteration: int) -> str:

@@ -23,20 +23,18 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from pesc_megatron.config import (
+from pesc_megatron.analysis.info import read_source
+from pesc_megatron.model.config import (
     LORA_TARGETS,
-    ConfigError,
     LoRAConfig,
     ModelConfig,
-    ParallelConfig,
     PESCConfig,
-    PrecisionConfig,
     lora_shapes,
-    validate_layout,
     validate_lora,
-    validate_pesc,
 )
-from pesc_megatron.info import read_source
+from pesc_megatron.model.precision import PrecisionConfig
+from pesc_megatron.parallel.config import ParallelConfig, validate_layout
+from pesc_megatron.schema import ConfigError
 
 GiB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -425,7 +423,6 @@ def _job(args) -> Job:
     elif args.lora_rank is not None or not lora.enabled:
         lora = dataclasses.replace(lora, rank=args.lora_rank or 64,
                                    targets=lora.targets or list(LORA_TARGETS))
-    validate_pesc(pesc)
     validate_lora(lora, model)
     for key in ("gpus_per_node", "nodes", "seq", "micro_batch"):
         if getattr(args, key) < 1:

@@ -11,18 +11,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-from pesc_megatron.config import (
-    LORA_TARGETS,
-    ConfigError,
-    LoRAConfig,
-    PESCConfig,
-    load_job,
-    validate_lora,
-    validate_pesc,
-)
-from pesc_megatron.convert import checkpoint
-from pesc_megatron.convert.mapping import read_hf_config
+from pesc_megatron.checkpoint.format import read_info
+from pesc_megatron.interop.mapping import read_hf_config
+from pesc_megatron.model.config import LORA_TARGETS, LoRAConfig, PESCConfig, validate_lora
 from pesc_megatron.model.size import PRESETS, count_parameters
+from pesc_megatron.schema import ConfigError
+from pesc_megatron.train.config import load_job
 
 
 def read_source(source: str):
@@ -35,10 +29,10 @@ def read_source(source: str):
                           "folder")
     if path.suffix in (".yaml", ".yml"):
         job = load_job(source)
-        info = checkpoint.read_info(job.model.checkpoint)
+        info = read_info(job.model.checkpoint)
         return info.model, dataclasses.replace(info.pesc, **job.pesc), job.lora
     if path.is_dir() and not (path / "config.json").is_file():
-        info = checkpoint.read_info(path)  # a PESC checkpoint or run folder
+        info = read_info(path)  # a PESC checkpoint or run folder
         return info.model, info.pesc, info.lora
     hf_config = path / "config.json" if path.is_dir() else path
     try:
@@ -66,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     pesc = dataclasses.replace(pesc, **{k: getattr(args, k) for k in
                                         ("num_experts", "topk", "adapter_dim")
                                         if getattr(args, k) is not None})
-    validate_pesc(pesc)
     if args.lora_targets is not None:
         lora = dataclasses.replace(lora, targets=args.lora_targets.split(","))
     if args.lora_rank == 0:

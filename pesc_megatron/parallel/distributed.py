@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from pesc_megatron.config import ParallelConfig
-from pesc_megatron.runtime import mcore_patches
+from pesc_megatron.parallel import mcore_patches
+from pesc_megatron.parallel.config import ParallelConfig
 
 
 def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> None:

@@ -8,11 +8,15 @@ from pathlib import Path
 
 import torch
 
-from pesc_megatron.config import ConfigError, ParallelConfig
-from pesc_megatron.convert import checkpoint
-from pesc_megatron.convert.mapping import expand, lora_pairs, rules_for, to_hf
+from pesc_megatron.checkpoint import base as checkpoint
+from pesc_megatron.checkpoint.atomic import staged
+from pesc_megatron.checkpoint.format import TOKENIZER, CheckpointInfo, check_out, read_info
+from pesc_megatron.interop.mapping import expand, lora_pairs, rules_for
+from pesc_megatron.interop.reshape import to_hf
 from pesc_megatron.model.builder import DTYPES
-from pesc_megatron.runtime.distributed import initialize
+from pesc_megatron.parallel.config import ParallelConfig
+from pesc_megatron.parallel.distributed import initialize
+from pesc_megatron.schema import ConfigError
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
 MODELING_FILES = ("configuration_camelidae.py", "modeling_camelidae.py")
@@ -23,7 +27,7 @@ def _hf_dtype(dtype: str) -> str:
     return str(DTYPES[dtype]).removeprefix("torch.")
 
 
-def camelidae_config(info: checkpoint.CheckpointInfo) -> dict:
+def camelidae_config(info: CheckpointInfo) -> dict:
     """The source model's config.json turned into the Camelidae one."""
     cfg = {k: v for k, v in info.hf_config.items() if k not in ("auto_map", "architectures")}
     p = info.pesc
@@ -67,7 +71,7 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byte
 LORA_DIR = "lora"  # --no-merge-lora: the PEFT adapter, loadable with PeftModel.from_pretrained
 
 
-def peft_adapter(state: dict, info: checkpoint.CheckpointInfo) -> tuple[dict, dict]:
+def peft_adapter(state: dict, info: CheckpointInfo) -> tuple[dict, dict]:
     """(tensors, adapter_config.json) of the LoRA weights in PEFT's saved layout."""
     lora = info.lora
     tensors = {}
@@ -81,7 +85,7 @@ def peft_adapter(state: dict, info: checkpoint.CheckpointInfo) -> tuple[dict, di
     return tensors, config
 
 
-def merge_lora(tensors: dict, state: dict, info: checkpoint.CheckpointInfo) -> None:
+def merge_lora(tensors: dict, state: dict, info: CheckpointInfo) -> None:
     """W += (alpha / r) * B A for every LoRA pair, computed in float64."""
     scale = info.lora.alpha / info.lora.rank
     for module, a, b in lora_pairs(state, info.lora.targets, info.model.num_hidden_layers):
@@ -97,8 +101,8 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: boo
     ckpt, out = Path(ckpt), Path(out)
     if fmt not in ("camelidae", "dense"):
         raise ConfigError(f"--format {fmt!r}: use camelidae or dense")
-    checkpoint.check_out(out, force, source=ckpt)
-    info = checkpoint.read_info(ckpt)
+    check_out(out, force, source=ckpt)
+    info = read_info(ckpt)
     if fmt == "dense" and not info.hf_config.get("architectures"):
         raise ConfigError(f"{ckpt}: the source architecture is unknown; use --format camelidae")
     initialize(ParallelConfig())
@@ -128,7 +132,7 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: boo
     config = dict(info.hf_config) if dense else camelidae_config(info)
     config.pop("torch_dtype", None)  # transformers 5 reads `dtype`
     config["dtype"] = _hf_dtype(info.dtype)
-    with checkpoint.staged(out) as partial:
+    with staged(out) as partial:
         _write_shards(tensors, partial, int(max_shard_gb * 2**30))
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if not dense:
@@ -142,7 +146,7 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: boo
                       metadata={"format": "pt"})
             (partial / LORA_DIR / "adapter_config.json").write_text(
                 json.dumps(adapter[1], indent=2) + "\n")
-        tokenizer = info.base / checkpoint.TOKENIZER
+        tokenizer = info.base / TOKENIZER
         if tokenizer.is_dir():
             for f in tokenizer.iterdir():
                 shutil.copy2(f, partial / f.name)

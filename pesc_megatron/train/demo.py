@@ -12,15 +12,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from pesc_megatron.config import (
-    ModelConfig,
-    OptimConfig,
-    ParallelConfig,
-    PESCConfig,
-    validate_layout,
-)
 from pesc_megatron.model.builder import build_model
-from pesc_megatron.runtime.distributed import destroy, device, initialize
+from pesc_megatron.model.config import ModelConfig, PESCConfig
+from pesc_megatron.parallel.config import ParallelConfig, validate_layout
+from pesc_megatron.parallel.distributed import destroy, device, initialize
+from pesc_megatron.train.config import OptimConfig
 from pesc_megatron.train.evaluate import last_stage_sum
 from pesc_megatron.train.metrics import load_imbalance, pop_expert_load, pop_router_losses
 from pesc_megatron.train.optim import build_optimizer

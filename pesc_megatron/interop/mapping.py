@@ -2,16 +2,17 @@
 
 One table per architecture: each rule names a megatron-core tensor, the Hugging Face tensors it
 is made of and how (`copy`, `qkv`: q/k/v fused per query group as megatron-core's linear_qkv,
-`gate_up`: gate and up stacked as linear_fc1). `{L}` is a layer index, `{E}` an expert index.
+`gate_up`: gate and up stacked as linear_fc1; interop/reshape.py does it). `{L}` is a layer
+index, `{E}` an expert index. `read_hf_config` reads a Hugging Face config.json. No torch here:
+`pesc info` and `pesc plan` read configs without it.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
 
-import torch
-
-from pesc_megatron.config import ConfigError, ModelConfig, PESCConfig
+from pesc_megatron.model.config import ModelConfig, PESCConfig
+from pesc_megatron.schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -101,39 +102,13 @@ def expand(rules: list[Rule], num_layers: int, num_experts: int):
                        rule.kind)
 
 
-def to_megatron(kind: str, tensors: list[torch.Tensor], model: ModelConfig) -> torch.Tensor:
-    if kind == "copy":
-        return tensors[0]
-    if kind == "gate_up":
-        return torch.cat(tensors, dim=0)
-    # qkv: per query group, that group's q heads then its k head then its v head.
-    q, k, v = tensors
-    groups, d = model.num_key_value_heads, model.head_dim
-    tail = q.shape[1:]
-    q = q.reshape(groups, -1, *tail)
-    k, v = k.reshape(groups, d, *tail), v.reshape(groups, d, *tail)
-    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
-
-
-def to_hf(kind: str, tensor: torch.Tensor, model: ModelConfig) -> list[torch.Tensor]:
-    if kind == "copy":
-        return [tensor]
-    if kind == "gate_up":
-        return list(tensor.chunk(2, dim=0))
-    groups, d = model.num_key_value_heads, model.head_dim
-    per_group = model.num_attention_heads // groups * d
-    tail = tensor.shape[1:]
-    q, k, v = tensor.reshape(groups, per_group + 2 * d, *tail).split([per_group, d, d], dim=1)
-    return [x.reshape(-1, *tail).contiguous() for x in (q, k, v)]
-
-
 def _rope(cfg: dict, where: str) -> tuple[float, float | None]:
     """(theta, llama3 scaling factor or None) from a transformers 4 or 5 config.json."""
     params = dict(cfg.get("rope_parameters") or {})
     scaling = cfg.get("rope_scaling") or params
     if scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", cfg.get("rope_theta", ModelConfig.rope_theta))
     if not scaling:
         return float(theta), None
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -152,6 +127,11 @@ def read_hf_config(cfg: dict, where: str) -> tuple[str, ModelConfig, PESCConfig 
         return _read_hf_config(cfg, where)
     except KeyError as e:
         raise ConfigError(f"{where}: required key {e} is missing") from None
+
+
+# Camelidae config keys that may be missing (the released configs lack ours) -> PESCConfig.
+CAMELIDAE_OPTIONAL = {"adapter_dropout": "adapter_dropout", "adapter_act": "adapter_activation",
+                      "routing": "routing", "renormalize": "renormalize"}
 
 
 def _read_hf_config(cfg: dict, where: str) -> tuple[str, ModelConfig, PESCConfig | None]:
@@ -174,29 +154,29 @@ def _read_hf_config(cfg: dict, where: str) -> tuple[str, ModelConfig, PESCConfig
     if window and (arch != "Qwen2ForCausalLM" or cfg.get("use_sliding_window")):
         warnings.warn(f"{where}: sliding_window={window} is not applied: sequences longer than "
                       f"{window} tokens attend to their whole prefix, unlike the source model")
-    heads = cfg["num_attention_heads"]
+    # Keys a config may omit take ModelConfig's / PESCConfig's defaults (transformers' own for
+    # Llama and Qwen2; the released models' for the Camelidae fields).
+    present = {k: cfg[k] for k in ("max_position_embeddings", "rms_norm_eps")
+               if cfg.get(k) is not None}
     model = ModelConfig(
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg["intermediate_size"],
         num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg.get("num_key_value_heads"),
+        head_dim=cfg.get("head_dim"),
         vocab_size=cfg["vocab_size"],
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         rope_theta=theta,
         rope_scaling_factor=factor,
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("qkv_bias", False)),
+        **present,
     )
     pesc = None
     if arch == "CamelidaeForCausalLM":
-        pesc = PESCConfig(
-            num_experts=cfg["num_experts"], topk=cfg["topk"], adapter_dim=cfg["adapter_dim"],
-            adapter_scaling=float(cfg["moe_scaling"]),
-            adapter_dropout=float(cfg.get("adapter_dropout", 0.1)),
-            adapter_activation=cfg.get("adapter_act", "gelu"),
-            routing=cfg.get("routing", "topk_softmax"),
-            renormalize=bool(cfg.get("renormalize", True)))
+        optional = {ours: cfg[theirs] for theirs, ours in CAMELIDAE_OPTIONAL.items()
+                    if cfg.get(theirs) is not None}
+        pesc = PESCConfig(num_experts=cfg["num_experts"], topk=cfg["topk"],
+                          adapter_dim=cfg["adapter_dim"],
+                          adapter_scaling=float(cfg["moe_scaling"]), **optional)
     return arch, model, pesc

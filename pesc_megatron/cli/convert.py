@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from pesc_megatron.convert.hf_to_pesc import convert
-from pesc_megatron.convert.pesc_to_hf import export
+from pesc_megatron.interop.hf_to_pesc import convert
+from pesc_megatron.interop.pesc_to_hf import export
 
 
 def main(argv: list[str] | None = None) -> int:

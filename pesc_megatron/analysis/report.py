@@ -21,8 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from pesc_megatron.atomic import atomic_path
-from pesc_megatron.config import ConfigError
+from pesc_megatron.checkpoint.atomic import atomic_path
+from pesc_megatron.schema import ConfigError
 
 METRICS = "metrics.jsonl"
 

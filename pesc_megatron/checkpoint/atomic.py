@@ -1,0 +1,58 @@
+"""Atomic writes: a file or a folder is replaced whole or not at all, so a reader, a crash or a
+full disk never leaves a half-written one."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A hidden temporary path beside `path` to write to; renamed onto `path` when the block
+    completes, removed if it raises. Made with the process's umask like any new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def new_partial(out: Path) -> Path:
+    """A fresh hidden folder beside `out` to build it in (`publish` makes it `out`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+
+
+def publish(partial: Path, out: Path) -> None:
+    """Moves the finished folder `partial` to `out`, replacing an old `out` only at the end."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by an earlier interrupted replacement
+    if out.exists():
+        os.replace(out, old)
+    os.replace(partial, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """Yields a fresh folder beside `out` (single process); it becomes `out` when the block
+    succeeds and is removed when it fails, so `out` is never half-written."""
+    partial = new_partial(out)
+    try:
+        yield partial
+        publish(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise

@@ -1,0 +1,55 @@
+"""megatron-core `dist_checkpointing` I/O shared by base and training checkpoints: every rank
+writes its shards into a hidden folder that becomes the checkpoint only when complete."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from pesc_megatron.checkpoint.atomic import new_partial, publish
+from pesc_megatron.checkpoint.format import WEIGHTS
+from pesc_megatron.model.roles import is_trainable
+from pesc_megatron.parallel.distributed import is_rank0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_sharded(out: Path, sharded_state: dict, write_files: Callable[[Path], None]) -> None:
+    """Called on every rank: `sharded_state` through dist_checkpointing into `WEIGHTS`, then rank
+    0's `write_files(folder)`, all in a fresh hidden folder beside `out` that becomes `out` only
+    when complete (an old `out` is replaced at that moment); removed if anything fails."""
+    name = [str(new_partial(out)) if is_rank0() else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(name, src=0)
+    partial = Path(name[0])
+    try:
+        if is_rank0():
+            (partial / WEIGHTS).mkdir()
+        barrier()
+        dist_checkpointing.save(sharded_state, str(partial / WEIGHTS))
+        if is_rank0():
+            write_files(partial)
+            publish(partial, out)
+    except BaseException:
+        if is_rank0():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    barrier()
+
+
+def is_lora_key(key: str) -> bool:
+    return ".lora." in key
+
+
+def trainable_sharded_state_dict(model, with_lora: bool = True) -> dict:
+    """The router, adapter and (`with_lora`) LoRA entries of `model.sharded_state_dict()`
+    (what training changes)."""
+    return {k: v for k, v in model.sharded_state_dict().items()
+            if is_trainable("." + k) and not k.endswith("_extra_state")
+            and (with_lora or not is_lora_key(k))}
