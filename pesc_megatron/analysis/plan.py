@@ -18,22 +18,25 @@ The last stdout line is JSON. Formulas and the measured accuracy: docs/planner.m
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 from dataclasses import dataclass
 
-from pesc_megatron.analysis.info import read_source
 from pesc_megatron.model.config import (
-    LORA_TARGETS,
+    LINEAR_TARGETS,
     LoRAConfig,
     ModelConfig,
     PESCConfig,
+    lora_column_parallel,
     lora_shapes,
-    validate_lora,
 )
 from pesc_megatron.model.precision import PrecisionConfig
-from pesc_megatron.parallel.config import ParallelConfig, validate_layout
+from pesc_megatron.parallel.config import (
+    ParallelConfig,
+    data_parallel_size,
+    expert_data_parallel_size,
+    splits_over_tp,
+    validate_layout,
+)
 from pesc_megatron.schema import ConfigError
 
 GiB = 2**30
@@ -44,8 +47,6 @@ DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 GPU_RUNTIME_BYTES = 3 * GiB
 HEADROOM = 0.10  # a suggestion leaves this share of the GPU free (fragmentation, spikes)
 RECOMPUTE_LEVELS = ("none", "selective", "full")
-COLUMN_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # the rest: row
-ATTENTION_INPUT_TARGETS = ("q_proj", "k_proj", "v_proj")
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,16 @@ class Layout:
     world: int = 1
 
     @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp)
+
+    @property
     def dp(self) -> int:
-        return self.world // (self.tp * self.pp)
+        return data_parallel_size(self.parallel, self.world)
 
     @property
     def expert_dp(self) -> int:
-        return self.world // (self.ep * self.etp * self.pp)
+        return expert_data_parallel_size(self.parallel, self.world)
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ def trainable_counts(job: Job, lay: Layout) -> dict[str, int]:
         shapes = lora_shapes(m)
         for target in lora.targets:
             fan_in, fan_out = shapes[target]
-            if target in COLUMN_TARGETS:  # A replicated, B split on its output
+            if lora_column_parallel(target):  # A replicated, B split on its output
                 lora_per_layer += lora.rank * (fan_in + fan_out // lay.tp)
             else:  # A split on its input, B replicated
                 lora_per_layer += lora.rank * (fan_in // lay.tp + fan_out)
@@ -235,7 +240,7 @@ def _lora_activations(job: Job, lay: Layout) -> float:
     shared_inputs = set()
     for target in lora.targets:
         fan_in = shapes[target][0]
-        if target in COLUMN_TARGETS:
+        if lora_column_parallel(target):
             tokens, in_part, out_tokens = t / lay.tp, fan_in, t
         else:
             tokens, in_part, out_tokens = t, fan_in // lay.tp, t / lay.tp
@@ -252,9 +257,10 @@ def _first_layer_activations(job: Job, lay: Layout) -> float:
     """The first layer of the first stage: its parts before the first trainable weight keep
     nothing (without LoRA, only what the router and the experts read)."""
     targets = set(job.lora.targets)
+    ffn_targets = set(LINEAR_TARGETS["linear_fc1"] + LINEAR_TARGETS["linear_fc2"])
     return layer_activations(job, lay,
-                             core_attention=bool(targets & set(ATTENTION_INPUT_TARGETS)),
-                             post_attention=bool(targets - {"gate_proj", "up_proj", "down_proj"}),
+                             core_attention=bool(targets & set(LINEAR_TARGETS["linear_qkv"])),
+                             post_attention=bool(targets - ffn_targets),
                              ffn=bool(targets))
 
 
@@ -321,11 +327,10 @@ def _divisors(n: int) -> list[int]:
 def layout_error(job: Job, lay: Layout) -> str | None:
     """Why megatron-core could not run this layout (None: it can)."""
     try:
-        validate_layout(job.model, job.pesc, ParallelConfig(tp=lay.tp, pp=lay.pp, ep=lay.ep,
-                                                            etp=lay.etp), lay.world)
+        validate_layout(job.model, job.pesc, lay.parallel, lay.world)
     except ConfigError as e:
         return str(e)
-    if job.seq % lay.tp:
+    if not splits_over_tp(lay.parallel, job.seq):
         return f"--seq {job.seq} is not divisible by tp={lay.tp} (sequence parallelism)"
     return None
 
@@ -370,137 +375,3 @@ def suggest(job: Job, layouts: list[Layout], gpu_bytes: float, recompute_levels,
     if fitting:
         return min(fitting, key=lambda o: preference(o[0], o[1], o[2]["total"])), True
     return min(options, key=lambda o: o[2]["total"]), False
-
-
-# ------------------------------------------------------------------------------------------
-# The command
-# ------------------------------------------------------------------------------------------
-def _parse(argv):
-    ap = argparse.ArgumentParser(prog="pesc plan", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True,
-                    help="a preset (llama2-7b, llama2-13b, yi-34b, smollm2-135m), a Hugging Face "
-                    "folder or config.json, a PESC checkpoint or run folder, or a job YAML")
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
-    ap.add_argument("--seq-length", "--seq", dest="seq", type=int, default=4096,
-                    help="tokens per sequence (default 4096)")
-    ap.add_argument("--micro-batch-size", "--micro-batch", dest="micro_batch", type=int,
-                    default=1, help="sequences per micro-batch")
-    for key in ("tp", "pp", "ep"):
-        ap.add_argument(f"--{key}", type=int, help=f"fix {key.upper()} (default: searched)")
-    ap.add_argument("--etp", type=int, help="fix ETP (default 1: the adapters are small)")
-    ap.add_argument("--num-experts", type=int, help="default: the source's, else 8")
-    ap.add_argument("--topk", type=int, help="default: the source's, else 2")
-    ap.add_argument("--adapter-dim", type=int, help="default: the source's, else 512")
-    ap.add_argument("--lora-rank", type=int,
-                    help="LoRA rank (on the source's targets, else all seven projections); 0: no "
-                    "LoRA. Default: the source's LoRA (job YAML, training checkpoint), else 64 "
-                    "on all seven (the paper's recipe)")
-    ap.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16")
-    ap.add_argument("--fp8-base", action="store_true",
-                    help="frozen weight matrices in FP8 (precision.frozen_weights: fp8): 1 byte "
-                    "each + an fp32 scale per row, the output layer's 32 high-precision columns; "
-                    "norms stay in --dtype")
-    ap.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction,
-                    default=True, help="shard optimizer state over data parallel (default on)")
-    ap.add_argument("--recompute", choices=RECOMPUTE_LEVELS,
-                    help="default: searched with the layout, none before selective before full")
-    ap.add_argument("--attention", choices=("sdpa", "local"), default="sdpa",
-                    help="model.attention: sdpa (fused; also te's terms) or local (unfused, "
-                    "[s, s] scores and mask)")
-    return ap.parse_args(argv)
-
-
-def _job(args) -> Job:
-    model, pesc, lora = read_source(args.model)
-    pesc = dataclasses.replace(pesc, **{k: getattr(args, k) for k in
-                                        ("num_experts", "topk", "adapter_dim")
-                                        if getattr(args, k) is not None})
-    if args.lora_rank == 0:
-        lora = LoRAConfig()
-    elif args.lora_rank is not None or not lora.enabled:
-        lora = dataclasses.replace(lora, rank=args.lora_rank or 64,
-                                   targets=lora.targets or list(LORA_TARGETS))
-    validate_lora(lora, model)
-    for key in ("gpus_per_node", "nodes", "seq", "micro_batch"):
-        if getattr(args, key) < 1:
-            raise ConfigError(f"--{key.replace('_', '-')}={getattr(args, key)}: must be >= 1")
-    if args.gpu_memory <= 0:
-        raise ConfigError(f"--gpu-memory={args.gpu_memory}: must be > 0")
-    return Job(model, pesc, lora, seq=args.seq, micro_batch=args.micro_batch, dtype=args.dtype,
-               fp8_base=args.fp8_base, distributed_optimizer=args.distributed_optimizer,
-               recompute=args.recompute or "none", attention=args.attention)
-
-
-def _table(job: Job, lay: Layout, recompute: str, memory: dict, gpu_bytes: float) -> list:
-    in_flight = lay.pp - memory["stage"]
-    sharded = f" /{lay.dp} (experts /{lay.expert_dp})" if job.distributed_optimizer else ""
-    rows = [(f"frozen base, {'FP8' if job.fp8_base else job.dtype}",
-             memory["frozen"]),
-            ("routers, adapters, LoRA", memory["trainable"]),
-            ("gradient buffer, fp32", memory["gradients"]),
-            ("optimizer: " + ("fp32 master + " if job.dtype != "fp32" else "") + "Adam m, v"
-             + sharded, memory["optimizer"]),
-            (f"activations: {in_flight} micro-batch{'es' if in_flight > 1 else ''} in flight, "
-             f"recompute {recompute}",
-             memory["activations"]),
-            ("runtime: CUDA context, NCCL, workspaces (assumed)", memory["runtime"])]
-    lines = [f"  {label:<62}{value / GiB:>7.1f} GiB" for label, value in rows]
-    verdict = "fits" if memory["total"] <= gpu_bytes else "does NOT fit"
-    lines.append(f"  {'total':<62}{memory['total'] / GiB:>7.1f} GiB of {gpu_bytes / GiB:g}: "
-                 f"{verdict} ({100 * (1 - memory['total'] / gpu_bytes):.0f}% free)")
-    return lines
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    job = _job(args)
-    world, gpu_bytes = args.gpus_per_node * args.nodes, args.gpu_memory * GiB
-    fixed = {k: getattr(args, k) for k in ("tp", "pp", "ep", "etp") if getattr(args, k) is not None}
-    if fixed:  # the sizes the user fixed must be possible by themselves
-        error = layout_error(job, Layout(world=world, **fixed))
-        if error:
-            raise ConfigError(error)
-    layouts = candidates(job, world, args.gpus_per_node, fixed)
-    if not layouts:
-        raise ConfigError(f"no valid layout of {world} GPUs with {fixed or 'any sizes'} for "
-                          f"{args.model} (TP is kept within a node of {args.gpus_per_node})")
-    fixed_layout = {"tp", "pp", "ep"} <= set(fixed)  # pinned (ETP 1): a verdict, no search
-    levels = [args.recompute or "none"] if fixed_layout else (
-        [args.recompute] if args.recompute else RECOMPUTE_LEVELS)
-    (lay, recompute, memory), with_headroom = suggest(job, layouts, gpu_bytes, levels)
-    m, p = job.model, job.pesc
-    lora = f"LoRA r={job.lora.rank} on {len(job.lora.targets)} projections" \
-        if job.lora.enabled else "no LoRA"
-    print(f"pesc plan: {args.model} (hidden {m.hidden_size}, {m.num_hidden_layers} layers), "
-          f"{p.num_experts} experts top-{p.topk} adapter {p.adapter_dim}, {lora}; {job.dtype}, "
-          f"seq {job.seq} x micro-batch {job.micro_batch}; {args.nodes} node(s) x "
-          f"{args.gpus_per_node} GPUs of {args.gpu_memory:g} GiB")
-    if job.fp8_base:
-        print("  --fp8-base: 1 byte per frozen weight + a scale per row and the output layer's "
-              "32 high-precision columns (the default precision.frozen_weights: fp8); its "
-              "activations are not measured by `pesc bench memory`")
-    label = "layout" if fixed_layout else (
-        "suggested layout" if with_headroom else "nothing fits; the smallest layout")
-    print(f"{label}: TP {lay.tp}, PP {lay.pp}, EP {lay.ep}, ETP {lay.etp} -> DP {lay.dp}, "
-          f"expert DP {lay.expert_dp}; recompute {recompute}"
-          + (f" ({len(layouts)} layouts searched; rule: the least model parallelism that "
-             f"leaves {HEADROOM:.0%} free)" if not fixed_layout else ""))
-    print(f"per GPU (pipeline stage {memory['stage']} of {lay.pp}):")
-    for line in _table(job, lay, recompute, memory, gpu_bytes):
-        print(line)
-    print(json.dumps(dict(
-        model=args.model, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-        gpu_memory_gib=args.gpu_memory, seq=job.seq, micro_batch=job.micro_batch,
-        dtype=job.dtype, fp8_base=job.fp8_base, lora_rank=job.lora.rank if job.lora.enabled
-        else 0, num_experts=p.num_experts, topk=p.topk, adapter_dim=p.adapter_dim,
-        distributed_optimizer=job.distributed_optimizer,
-        layout=dict(tp=lay.tp, pp=lay.pp, ep=lay.ep, etp=lay.etp, dp=lay.dp,
-                    expert_dp=lay.expert_dp),
-        recompute=recompute, suggested=not fixed_layout,
-        fits=memory["total"] <= gpu_bytes, fits_with_headroom=with_headroom,
-        per_gpu_gib={k: round(v / GiB, 2) for k, v in memory.items() if k != "stage"},
-        stage=memory["stage"])))
-    return 0

@@ -43,7 +43,7 @@ from pesc_megatron.checkpoint.atomic import atomic_path
 from pesc_megatron.checkpoint.format import read_info
 from pesc_megatron.model.attention import resolve_attention
 from pesc_megatron.model.builder import build_model, transformer_config
-from pesc_megatron.model.config import LoRAConfig, PESCConfig
+from pesc_megatron.model.config import LORA_TARGETS, LoRAConfig, PESCConfig
 from pesc_megatron.model.size import PRESETS, count_parameters
 from pesc_megatron.model.spec import core_attention
 from pesc_megatron.parallel import distributed
@@ -52,7 +52,6 @@ from pesc_megatron.schema import ConfigError
 
 VARIANTS = ("dense_full", "dense_frozen", "pesc", "pesc_lora", "upcycle", "reference", "train")
 WITH_ATTENTION = ("pesc", "pesc_lora", "train")
-ALL_LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _parse(argv):
@@ -140,7 +139,7 @@ def _build(spec: dict):
     kind, e, k, r = spec["variant"], spec["experts"], spec["topk"], spec["adapter_dim"]
     attention = spec.get("attention") or "auto"
     if kind in ("pesc", "pesc_lora"):
-        lora = LoRAConfig(targets=ALL_LORA, rank=spec["lora_rank"]) if kind == "pesc_lora" \
+        lora = LoRAConfig(targets=list(LORA_TARGETS), rank=spec["lora_rank"]) if kind == "pesc_lora" \
             else None
         model = build_model(model_cfg, PESCConfig(num_experts=e, topk=k, adapter_dim=r),
                             ParallelConfig(), lora=lora, attention=attention)

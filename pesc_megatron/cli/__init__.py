@@ -1,4 +1,5 @@
-"""The `pesc` command: thin dispatch to the subcommands' own modules."""
+"""The `pesc` command: thin dispatch to one module per command (cli/*.py), which parse their
+arguments (shared groups in cli/args.py) and call the package."""
 from __future__ import annotations
 
 import argparse
@@ -12,14 +13,16 @@ from pesc_megatron.schema import ConfigError
 
 COMMANDS = {
     "convert": ("pesc_megatron.cli.convert", "Hugging Face <-> PESC checkpoints"),
-    "train": ("pesc_megatron.train.loop", "instruction-tune a PESC checkpoint (YAML config)"),
-    "eval": ("pesc_megatron.train.evaluate", "mean loss of a checkpoint on a data file"),
-    "info": ("pesc_megatron.analysis.info", "parameter counts (dense, routers, adapters, LoRA)"),
-    "plan": ("pesc_megatron.analysis.plan", "per-GPU memory of a training layout; suggests one that fits"),
-    "demo": ("pesc_megatron.train.demo", "craft a small random model and train its experts (CPU)"),
-    "report": ("pesc_megatron.analysis.report", "PNG loss curves and expert-load heatmaps of a run"),
+    "train": ("pesc_megatron.cli.train", "instruction-tune a PESC checkpoint (YAML config)"),
+    "eval": ("pesc_megatron.cli.eval", "mean loss of a checkpoint on a data file"),
+    "info": ("pesc_megatron.cli.info", "parameter counts (dense, routers, adapters, LoRA)"),
+    "plan": ("pesc_megatron.cli.plan",
+             "per-GPU memory of a training layout; suggests one that fits"),
+    "demo": ("pesc_megatron.cli.demo", "craft a small random model and train its experts (CPU)"),
+    "report": ("pesc_megatron.cli.report", "PNG loss curves and expert-load heatmaps of a run"),
     "bench": (None, "benchmarks: `pesc bench compare|layer|memory`"),
 }
+# The benchmarks keep their parsers beside their code: each also runs its own child processes.
 BENCHES = {"compare": "pesc_megatron.bench.compare", "layer": "pesc_megatron.bench.layer",
            "memory": "pesc_megatron.bench.memory"}
 # megatron-core's (and torch's) notices about optional packages and their own deprecations,

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import argparse
 
+from pesc_megatron.cli.args import add_pesc_args, pesc_values
 from pesc_megatron.interop.hf_to_pesc import convert
 from pesc_megatron.interop.pesc_to_hf import export
+
+# The PESC settings conversion fixes (the rest are training-time settings).
+CRAFT_SETTINGS = ("num_experts", "topk", "adapter_dim", "adapter_scaling", "adapter_dropout",
+                  "routing", "renormalize")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,13 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                        "megatron-core checkpoint (loadable at any TP/PP/EP)")
     a.add_argument("--hf", required=True, help="Hugging Face model folder")
     a.add_argument("--out", required=True, help="checkpoint folder to create")
-    a.add_argument("--num-experts", type=int)
-    a.add_argument("--topk", type=int)
-    a.add_argument("--adapter-dim", type=int)
-    a.add_argument("--adapter-scaling", type=float)
-    a.add_argument("--adapter-dropout", type=float)
-    a.add_argument("--routing", choices=["topk_softmax", "softmax_topk"])
-    a.add_argument("--renormalize", action=argparse.BooleanOptionalAction, default=None)
+    add_pesc_args(a, CRAFT_SETTINGS, unset="a Camelidae source's")
     a.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     a.add_argument("--force", action="store_true", help="replace --out if it exists")
 
@@ -40,10 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.direction == "hf-to-pesc":
-        pesc = {k: getattr(args, k) for k in ("num_experts", "topk", "adapter_dim",
-                                              "adapter_scaling", "adapter_dropout", "routing",
-                                              "renormalize") if getattr(args, k) is not None}
-        out = convert(args.hf, args.out, pesc, dtype=args.dtype, force=args.force)
+        out = convert(args.hf, args.out, pesc_values(args, CRAFT_SETTINGS), dtype=args.dtype,
+                      force=args.force)
     else:
         out = export(args.ckpt, args.out, fmt=args.format, force=args.force,
                      max_shard_gb=args.max_shard_gb, merge=args.merge_lora)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from pesc_megatron.model.config import ModelConfig, PESCConfig
+from pesc_megatron.model.config import ATTENTION_LINEARS, LORA_LINEAR_OF, ModelConfig, PESCConfig
 from pesc_megatron.schema import ConfigError
 
 
@@ -52,23 +52,26 @@ PESC_RULES = (
          (_MLP + "moe_adapter.experts.expert_{E}.adapter_up.weight",)),
 )
 
-# LoRA (model/lora.py): each target's megatron-core linear and Hugging Face module in layer L.
-LORA_MODULES = {
-    "q_proj": ("self_attention.linear_qkv", "self_attn.q_proj"),
-    "k_proj": ("self_attention.linear_qkv", "self_attn.k_proj"),
-    "v_proj": ("self_attention.linear_qkv", "self_attn.v_proj"),
-    "o_proj": ("self_attention.linear_proj", "self_attn.o_proj"),
-    "gate_proj": ("mlp.shared_experts.linear_fc1", "mlp.gate_proj"),
-    "up_proj": ("mlp.shared_experts.linear_fc1", "mlp.up_proj"),
-    "down_proj": ("mlp.shared_experts.linear_fc2", "mlp.down_proj"),
-}
+# LoRA (model/lora.py): where each megatron-core linear, and the Hugging Face module of each
+# target, sits in layer L.
+LORA_LINEAR_PATHS = {"linear_qkv": "self_attention.linear_qkv",
+                     "linear_proj": "self_attention.linear_proj",
+                     "linear_fc1": "mlp.shared_experts.linear_fc1",
+                     "linear_fc2": "mlp.shared_experts.linear_fc2"}
+
+
+def lora_modules(target: str) -> tuple[str, str]:
+    """(megatron-core linear, Hugging Face module) of a LoRA target within a layer."""
+    linear = LORA_LINEAR_OF[target]
+    return (LORA_LINEAR_PATHS[linear],
+            ("self_attn." if linear in ATTENTION_LINEARS else "mlp.") + target)
 
 
 def lora_pairs(state: dict, targets, num_layers: int):
     """Yields (Hugging Face module name, A, B) for every LoRA pair in a TP=1 state dict."""
     for layer in range(num_layers):
         for t in targets:
-            linear, module = LORA_MODULES[t]
+            linear, module = lora_modules(t)
             key = f"decoder.layers.{layer}.{linear}.lora.{t}."
             yield (f"model.layers.{layer}.{module}", state[key + "lora_A.weight"],
                    state[key + "lora_B.weight"])

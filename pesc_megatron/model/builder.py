@@ -157,7 +157,7 @@ def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,
     """One pipeline stage of the PESC GPTModel, frozen except routers, adapters and LoRA.
     With `precision.fp8` (Transformer Engine, GPU only) the base's linears are TE's.
 
-    Needs `parallel_state` initialised with the same layout (see parallel.distributed.initialize)."""
+    Needs `parallel_state` initialised with the same layout (parallel.distributed.initialize)."""
     config = transformer_config(model, pesc, parallel, dtype, initialize, recompute, lora,
                                 precision, attention, experts)
     if pre_process is None:

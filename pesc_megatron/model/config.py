@@ -85,10 +85,22 @@ class PESCConfig:
             bad("capacity_factor", "must be > 0 (or null for dropless)")
 
 
-# The Hugging Face projections LoRA can target (PEFT's target_modules names), with the
-# megatron-core linear each lives in (model/lora.py) and whether it splits its output
-# (column-parallel) or its input (row-parallel) over TP.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The Hugging Face projections LoRA can target (PEFT's target_modules names) and the
+# megatron-core linear each lives in (model/lora.py), in the order of the linear's output rows.
+LORA_LINEAR_OF = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv",
+                  "o_proj": "linear_proj", "gate_proj": "linear_fc1", "up_proj": "linear_fc1",
+                  "down_proj": "linear_fc2"}
+LORA_TARGETS = tuple(LORA_LINEAR_OF)
+# The Hugging Face projections of each megatron-core linear, in the order of its output rows.
+LINEAR_TARGETS = {linear: tuple(t for t, of in LORA_LINEAR_OF.items() if of == linear)
+                  for linear in dict.fromkeys(LORA_LINEAR_OF.values())}
+# Column-parallel linears split their output over TP; the others (row-parallel) their input.
+COLUMN_PARALLEL_LINEARS = ("linear_qkv", "linear_fc1")
+ATTENTION_LINEARS = ("linear_qkv", "linear_proj")
+
+
+def lora_column_parallel(target: str) -> bool:
+    return LORA_LINEAR_OF[target] in COLUMN_PARALLEL_LINEARS
 
 
 @dataclass

@@ -26,15 +26,9 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
+from pesc_megatron.model.config import COLUMN_PARALLEL_LINEARS, LINEAR_TARGETS
 from pesc_megatron.model.pesc_layer import dropout_unscaled
 
-# The Hugging Face projections of each megatron-core linear, in the order of its output rows.
-LINEAR_TARGETS = {
-    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
-    "linear_proj": ("o_proj",),
-    "linear_fc1": ("gate_proj", "up_proj"),
-    "linear_fc2": ("down_proj",),
-}
 
 
 def _uniform_init(fan_in: int):
@@ -190,8 +184,6 @@ def _with_lora(base_cls, name: str):
 
 
 LORA_LINEARS = {
-    "linear_qkv": _with_lora(ColumnParallelLinear, "linear_qkv"),
-    "linear_proj": _with_lora(RowParallelLinear, "linear_proj"),
-    "linear_fc1": _with_lora(ColumnParallelLinear, "linear_fc1"),
-    "linear_fc2": _with_lora(RowParallelLinear, "linear_fc2"),
-}
+    linear: _with_lora(ColumnParallelLinear if linear in COLUMN_PARALLEL_LINEARS
+                       else RowParallelLinear, linear)
+    for linear in LINEAR_TARGETS}

@@ -17,7 +17,8 @@ from megatron.core.transformer.transformer_block import (
 )
 
 from pesc_megatron.model.attention import SDPAttention
-from pesc_megatron.model.lora import LINEAR_TARGETS, LORA_LINEARS
+from pesc_megatron.model.config import LINEAR_TARGETS
+from pesc_megatron.model.lora import LORA_LINEARS
 from pesc_megatron.model.norm import SequenceParallelTorchNorm
 from pesc_megatron.model.pesc_layer import PESCAdapterExperts, PESCMoELayer, PESCRouter
 from pesc_megatron.schema import ConfigError

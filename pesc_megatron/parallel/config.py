@@ -35,6 +35,16 @@ def data_parallel_size(par: ParallelConfig, world_size: int) -> int:
     return world_size // (par.tp * par.pp)
 
 
+def expert_data_parallel_size(par: ParallelConfig, world_size: int) -> int:
+    """Ranks that hold the same experts: the world over EP x ETP x PP."""
+    return world_size // (par.ep * par.etp * par.pp)
+
+
+def splits_over_tp(par: ParallelConfig, seq_length: int) -> bool:
+    """Sequence parallelism splits every sequence over the TP ranks: it must divide evenly."""
+    return not par.sequence_parallel or seq_length % par.tp == 0
+
+
 def validate_layout(m: ModelConfig, p: PESCConfig, par: ParallelConfig,
                     world_size: Optional[int] = None) -> None:
     """Checks that the parallel sizes fit the model and the world; one line per problem."""

@@ -11,7 +11,7 @@ import yaml
 
 from pesc_megatron.model.config import LoRAConfig, PESCConfig
 from pesc_megatron.model.precision import PrecisionConfig, validate_precision
-from pesc_megatron.parallel.config import ParallelConfig, data_parallel_size
+from pesc_megatron.parallel.config import ParallelConfig, data_parallel_size, splits_over_tp
 from pesc_megatron.schema import ConfigError, from_dict
 
 SCHEDULES = ("constant_with_warmup", "cosine", "linear")
@@ -190,7 +190,7 @@ def validate_job(job: JobConfig) -> None:
                           "precision.frozen_weights=fp8")
     if job.data.seq_length < 2:
         bad("data.seq_length", "must be >= 2")
-    if job.parallel.sequence_parallel and job.data.seq_length % job.parallel.tp:
+    if not splits_over_tp(job.parallel, job.data.seq_length):
         bad("data.seq_length", f"is not divisible by parallel.tp={job.parallel.tp} (sequence "
             "parallelism splits every sequence over the TP ranks)")
     if job.data.on_error not in ("raise", "skip"):

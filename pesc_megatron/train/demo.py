@@ -1,26 +1,24 @@
-"""The CPU demo (README's quickstart until instruction tuning lands): crafts a small random
+"""The CPU demo (`pesc demo`): crafts a small random
 Llama-shaped model into PESC experts, shows that it computes the dense model, then trains only
 the routers and adapters on a synthetic next-token task with megatron-core's DDP, schedule and
 optimizer. Run under torchrun; with 2 ranks it uses expert parallelism (EP=2)."""
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from pesc_megatron.analysis.balance import load_imbalance
 from pesc_megatron.model.builder import build_model
 from pesc_megatron.model.config import ModelConfig, PESCConfig
 from pesc_megatron.parallel.config import ParallelConfig, validate_layout
-from pesc_megatron.parallel.distributed import destroy, device, initialize
+from pesc_megatron.parallel.distributed import destroy, device, initialize, say
 from pesc_megatron.train.config import OptimConfig
-from pesc_megatron.train.evaluate import last_stage_sum
-from pesc_megatron.train.metrics import load_imbalance, pop_expert_load, pop_router_losses
+from pesc_megatron.train.metrics import pop_expert_load, pop_router_losses
 from pesc_megatron.train.optim import build_optimizer
-from pesc_megatron.train.step import forward_backward, wrap_ddp
+from pesc_megatron.train.step import train_step, wrap_ddp
 
 MODEL = ModelConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
@@ -46,35 +44,17 @@ def synthetic_batches(steps: int, micro_batches: int, seq: int, vocab: int, seed
         yield step
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pesc demo", description=__doc__)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--seq-length", "--seq", dest="seq", type=int, default=64)
-    ap.add_argument("--num-micro-batches", "--micro-batches", dest="micro_batches", type=int,
-                    default=4, help="per data-parallel rank")
-    ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--num-experts", "--experts", dest="experts", type=int, default=8)
-    ap.add_argument("--topk", type=int, default=2)
-    ap.add_argument("--adapter-dim", type=int, default=32)
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--ep", type=int, default=0, help="default: the world size")
-    ap.add_argument("--pp", type=int, default=1)
-    args = ap.parse_args(argv)
-
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-    par = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep or world // (args.tp * args.pp))
-    pesc = PESCConfig(num_experts=args.experts, topk=args.topk, adapter_dim=args.adapter_dim,
-                      adapter_dropout=0.0)
+def run(args, pesc: PESCConfig, par: ParallelConfig, world: int) -> dict:
+    """The demo on this rank; `args` has steps, seq, micro_batches and lr. Returns the
+    summary (first and last LM loss)."""
     validate_layout(MODEL, pesc, par, world)
     initialize(par, seed=1234)
-    rank0 = dist.get_rank() == 0
-    say = print if rank0 else (lambda *a, **k: None)
     model = build_model(MODEL, pesc, par)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    say(f"PESC demo: world={world} tp={par.tp} pp={par.pp} ep={par.ep} | {args.experts} experts "
-        f"top-{args.topk}, adapter {args.adapter_dim} | trainable {trainable:,} of {total:,} "
-        f"parameters on rank 0")
+    say(f"PESC demo: world={world} tp={par.tp} pp={par.pp} ep={par.ep} | {pesc.num_experts} "
+        f"experts top-{pesc.topk}, adapter {pesc.adapter_dim} | trainable {trainable:,} of "
+        f"{total:,} parameters on rank 0")
 
     # 1. A freshly crafted model is the dense model: adapters' W_up is zero. (Direct calls
     # need the whole model on one stage, so with pipeline parallelism this check is skipped.)
@@ -104,13 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     data = synthetic_batches(args.steps, args.micro_batches * dp, args.seq, MODEL.vocab_size, 7)
     for step, batch in enumerate(data, start=1):
         t0 = time.perf_counter()
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
         mine = batch[dp_rank * args.micro_batches:(dp_rank + 1) * args.micro_batches]
-        loss = forward_backward(ddp, mine, args.micro_batches, args.seq, 1)
-        opt.step()
-        # The loss lives on the last pipeline stage; average it over data-parallel ranks.
-        loss = last_stage_sum(loss).item() / dp
+        loss, _ = train_step(ddp, opt, mine, args.micro_batches, args.seq, 1)
         aux = pop_router_losses(args.micro_batches).get("load_balancing_loss")
         imbalance = load_imbalance(pop_expert_load(model, MODEL.num_hidden_layers))
         # lb_loss: E * sum_i f_i P_i averaged over layers, before the coefficient; 1.0 = uniform.
@@ -125,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
                    steps=len(history), trainable_params=trainable)
     say(json.dumps(summary))
     destroy()
-    return 0 if history[-1]["lm_loss"] < history[0]["lm_loss"] else 1
+    return summary

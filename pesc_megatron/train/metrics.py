@@ -44,8 +44,3 @@ def pop_expert_load(model: torch.nn.Module, num_layers: int) -> torch.Tensor:
         counts = torch.zeros(num_layers, int(size), dtype=torch.float64, device=device())
     dist.all_reduce(counts)  # data-parallel and sequence-parallel ranks route disjoint tokens
     return (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).cpu()
-
-
-def load_imbalance(load: torch.Tensor) -> torch.Tensor:
-    """Per layer: the busiest expert's share over the mean share (1.0 = perfectly balanced)."""
-    return load.max(dim=1).values * load.shape[1]

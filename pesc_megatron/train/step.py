@@ -5,6 +5,7 @@ b * s positions whose samples attend only to themselves (megatron-core's PackedS
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -130,3 +131,27 @@ def forward_only(model, micro_batches: list[dict], seq_length: int, micro_batch_
     for m, load in saved_load:
         m.expert_load.copy_(load)
     return stats
+
+
+def last_stage_sum(value: torch.Tensor | float | None) -> torch.Tensor:
+    """Sum over data-parallel ranks of a value held identically by every tensor-parallel rank
+    of the last pipeline stage: an all-reduce over the world, where the other stages give 0
+    (pass None there), divided by the tensor-parallel size."""
+    t = torch.zeros(1, dtype=torch.float64, device=device())
+    if value is not None:
+        t += torch.as_tensor(value, dtype=torch.float64, device=device())
+    dist.all_reduce(t)
+    return t / parallel_state.get_tensor_model_parallel_world_size()
+
+
+def train_step(ddp, optimizer, micro_batches: list[dict], num_microbatches: int,
+               seq_length: int, micro_batch_size: int) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches. Returns, on every rank, the LM loss
+    (the objective without the router losses) averaged over data-parallel ranks, and the
+    gradient norm before clipping."""
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    stats = run_schedule(ddp, micro_batches, num_microbatches, seq_length, micro_batch_size)
+    _, grad_norm, _ = optimizer.step()
+    lm = last_stage_sum(None if stats is None else stats["lm_loss"]).item()
+    return lm / parallel_state.get_data_parallel_world_size(), float(grad_norm or 0.0)

@@ -29,7 +29,7 @@ def build(targets, rank=4, alpha=8.0, dtype="fp64"):
 def merged_weight(linear, name):
     """The base weight plus every targeted projection's (alpha/r) B A, fused like the base."""
     from pesc_megatron.interop.reshape import to_megatron
-    from pesc_megatron.model.lora import LINEAR_TARGETS
+    from pesc_megatron.model.config import LINEAR_TARGETS
 
     lora = linear.lora
     kind = {"linear_qkv": "qkv", "linear_fc1": "gate_up"}.get(name, "copy")
@@ -70,7 +70,7 @@ def test_lora_linear_equals_merged_weight(single_rank, targets):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
         assert (got - x @ linear.weight.T).abs().max() > 1e-3  # LoRA did contribute
         checked += 1
-    from pesc_megatron.model.lora import LINEAR_TARGETS
+    from pesc_megatron.model.config import LINEAR_TARGETS
 
     assert checked == sum(bool(set(v) & set(targets)) for v in LINEAR_TARGETS.values())
 

@@ -216,7 +216,8 @@ def test_balancing_loss_is_switch_loss_and_its_gradient_balances(single_rank):
 
 
 def test_expert_load_counts_every_assignment(single_rank):
-    from pesc_megatron.train.metrics import load_imbalance, pop_expert_load
+    from pesc_megatron.analysis.balance import load_imbalance
+    from pesc_megatron.train.metrics import pop_expert_load
 
     layer = make_layer(topk=2)
     layer(torch.randn(20, 3, H))

@@ -10,6 +10,8 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.image import imread
 
 from pesc_megatron.analysis import report
+from pesc_megatron.analysis.balance import load_imbalance
+from pesc_megatron.cli import report as report_command
 from pesc_megatron.cli import main as cli_main
 from pesc_megatron.schema import ConfigError
 
@@ -32,7 +34,7 @@ def expected_shares() -> np.ndarray:
 
 
 def write_run(run_dir, with_loads=True):
-    from pesc_megatron.train.loop import Logger
+    from pesc_megatron.train.logger import Logger
 
     logger = Logger(run_dir, start_step=0)
     logger.write({"step": 0, "valid_loss": 3.0, "valid_tokens": 100})
@@ -68,7 +70,7 @@ def test_logger_rows_hold_each_layers_shares(run):
         assert np.sum(row["expert_load"], axis=1) == pytest.approx([1, 1, 1], abs=1e-5)
     matrix = report.load_matrix(train)
     np.testing.assert_allclose(matrix, expected_shares(), atol=1e-6)
-    np.testing.assert_allclose(report.imbalance(matrix)[:, -1], [0.925 * 4, 1.0, 0.7 * 4],
+    np.testing.assert_allclose(load_imbalance(matrix)[:, -1], [0.925 * 4, 1.0, 0.7 * 4],
                                atol=1e-5)
     np.testing.assert_array_equal(report.step_edges(train, train), [0] + STEPS)
 
@@ -78,7 +80,7 @@ def pixels_near(image: np.ndarray, rgb, tol=0.02) -> int:
 
 
 def test_report_draws_the_pngs_and_summarises(run, capsys):
-    assert report.main([str(run)]) == 0
+    assert report_command.main([str(run)]) == 0
     summary = last_json(capsys)
     out = run / "report"
     assert summary == dict(
@@ -119,7 +121,7 @@ def test_report_out_folder_and_cli(run, tmp_path, capsys):
 def test_a_run_without_expert_loads_gets_the_loss_plot_and_a_note(single_rank, tmp_path,
                                                                    capsys):
     run = write_run(tmp_path / "old", with_loads=False)
-    assert report.main([str(run)]) == 0
+    assert report_command.main([str(run)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
     assert summary["expert_load_png"] is None and summary["max_share"] is None
@@ -136,7 +138,7 @@ def test_rows_without_loads_before_a_resume_are_left_out_of_the_heatmaps(run, ca
     old = json.loads(lines[1])
     del old["expert_load"]
     metrics.write_text("\n".join([lines[0], json.dumps(old)] + lines[2:]) + "\n")
-    assert report.main([str(run)]) == 0
+    assert report_command.main([str(run)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-2].endswith("1 of 6 training rows have no expert_load (logged before "
                             "per-layer loads were recorded): the heatmaps start after step 2")
@@ -172,7 +174,7 @@ def test_user_errors_are_one_line(tmp_path, capsys, content, message):
         (run / "metrics.jsonl").write_text(content)
     expected = message.format(run=run, metrics=run / "metrics.jsonl")
     with pytest.raises(ConfigError) as e:
-        report.main([str(run)])
+        report_command.main([str(run)])
     assert str(e.value) == expected
     assert cli_main(["report", str(run)]) == 2
     assert capsys.readouterr().err == f"pesc report: error: {expected}\n"
@@ -195,5 +197,5 @@ def test_a_failed_write_leaves_no_png(run, monkeypatch):
 
     monkeypatch.setattr(Figure, "savefig", torn_savefig)
     with pytest.raises(ConfigError, match=r"/report: cannot write the report \(\[Errno 28\] "):
-        report.main([str(run)])
+        report_command.main([str(run)])
     assert list((run / "report").iterdir()) == []

@@ -1,0 +1,68 @@
+"""The training data as global batches: built once by rank 0 (the others read its token
+cache), ordered independently of the parallel layout, split into this rank's micro-batches."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from pesc_megatron.data import DataError, build_dataset, collate
+from pesc_megatron.parallel.distributed import is_rank0
+from pesc_megatron.train.config import JobConfig
+
+
+def build_data(files: list, tokenizer, job: JobConfig, cache_dir: Path, packing: bool):
+    """Rank 0 tokenises (or reads the cache), then the others read its cache. A data error on
+    rank 0 is sent to every rank, so that all of them stop with the same message."""
+    d = job.data
+    specs = [f if isinstance(f, str) else (f["path"], f.get("weight", 1.0)) for f in files]
+    kwargs = dict(seq_length=d.seq_length, packing=packing, cache_dir=cache_dir,
+                  on_error=d.on_error, overlong=d.overlong, seed=job.train.seed)
+    error, dataset = [None], None
+    if is_rank0():
+        try:
+            dataset = build_dataset(specs, tokenizer, builder=True, **kwargs)
+        except DataError as e:
+            error = [str(e)]
+        except OSError as e:  # e.g. an unwritable cache_dir: still stop every rank
+            error = [f"{e.filename or cache_dir}: {e.strerror or e}"]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise DataError("", error[0])
+    if dataset is None:
+        dataset = build_dataset(specs, tokenizer, builder=False, **kwargs)
+    return dataset
+
+
+class GlobalBatches:
+    """Global batch k holds the sequences at positions [k*gbs, (k+1)*gbs) of the endless
+    stream of epochs, each epoch a permutation seeded by (seed, epoch). The order does not
+    depend on the parallel layout, so with the same batch size and data (checked on resume)
+    the data position is the step."""
+
+    def __init__(self, dataset, global_batch_size: int, seed: int):
+        self.dataset, self.gbs, self.seed = dataset, global_batch_size, seed
+        self._epoch, self._order_of_epoch = None, None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order_of_epoch = np.random.default_rng([self.seed, epoch]).permutation(
+                len(self.dataset))
+        return self._order_of_epoch
+
+    def indices(self, step: int) -> list[int]:
+        n = len(self.dataset)
+        return [int(self._order(p // n)[p % n]) for p in range(step * self.gbs,
+                                                               (step + 1) * self.gbs)]
+
+
+def rank_micro_batches(dataset, indices: list[int], micro_batch_size: int) -> list[dict]:
+    """This data-parallel rank's consecutive slice of `indices`, as micro-batches."""
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per_rank = len(indices) // dp
+    mine = indices[rank * per_rank:(rank + 1) * per_rank]
+    return [collate([dataset[i] for i in mine[j:j + micro_batch_size]])
+            for j in range(0, len(mine), micro_batch_size)]

@@ -1,0 +1,200 @@
+"""The training run behind `pesc train`: instruction-tunes the routers and adapters (and LoRA)
+of a PESC checkpoint with megatron-core's DDP, optimizer, LR schedule and pipeline schedules,
+resuming from the newest checkpoint in `train.out_dir/checkpoints`.
+
+The objective is megatron-core's: each micro-batch's mean over its loss tokens, averaged over
+the micro-batches of a global batch, plus the routers' load-balancing (and z) losses.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from pesc_megatron.analysis.balance import load_imbalance
+from pesc_megatron.checkpoint import base as pesc_checkpoint
+from pesc_megatron.checkpoint import training as train_checkpoint
+from pesc_megatron.checkpoint.format import TOKENIZER, TRAIN_META, read_info
+from pesc_megatron.data import load_tokenizer
+from pesc_megatron.model.config import LoRAConfig
+from pesc_megatron.model.fp8 import describe_frozen
+from pesc_megatron.model.size import count_parameters
+from pesc_megatron.parallel.distributed import say, set_seed
+from pesc_megatron.schema import ConfigError, from_dict
+from pesc_megatron.train.batches import GlobalBatches, build_data, rank_micro_batches
+from pesc_megatron.train.config import JobConfig, check_batch_layout
+from pesc_megatron.train.evaluate import evaluate
+from pesc_megatron.train.logger import Logger
+from pesc_megatron.train.metrics import pop_expert_load, pop_router_losses
+from pesc_megatron.train.optim import build_optimizer, build_scheduler
+from pesc_megatron.train.profile import profiled
+from pesc_megatron.train.step import train_step, wrap_ddp
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+# Settings that define the stream of global batches: a resume must not change them.
+DATA_STREAM_KEYS = (("data", "train"), ("data", "seq_length"), ("data", "packing"),
+                    ("data", "overlong"), ("data", "on_error"), ("train", "global_batch_size"),
+                    ("train", "seed"))
+
+
+def check_resumable(latest: Path, state: dict, job: JobConfig, info) -> None:
+    if Path(state["base"]) != info.base.resolve():
+        raise ConfigError(f"{latest}: was trained from base {state['base']}, but "
+                          f"model.checkpoint is {info.base.resolve()}")
+    saved = state["config"]["resolved"]
+    saved_lora = from_dict(LoRAConfig, saved.get("lora") or {})
+    if saved_lora.shape() != job.lora.shape():
+        raise ConfigError(f"lora: {latest} was trained with LoRA "
+                          f"{saved_lora.shape()}, the job asks for "
+                          f"{job.lora.shape()} (use a new train.out_dir)")
+    for section, key in DATA_STREAM_KEYS:
+        now = getattr(getattr(job, section), key)
+        if saved[section][key] != now:
+            raise ConfigError(
+                f"{section}.{key}={now!r}: {latest} was trained with {saved[section][key]!r}; "
+                "the data order would change (use a new train.out_dir)")
+
+
+def step_seed(seed: int, step: int) -> int:
+    return seed + 7919 * step
+
+
+def run(job: JobConfig, config_source: dict) -> dict:
+    """Trains on this rank's part of the job (torch.distributed initialised). Returns the
+    final metrics row."""
+    out_dir = Path(job.train.out_dir)
+    checkpoints = out_dir / "checkpoints"
+    info = read_info(job.model.checkpoint)
+    num_mb = check_batch_layout(job, dist.get_world_size())
+    mbs, gbs, seq = job.train.micro_batch_size, job.train.global_batch_size, job.data.seq_length
+
+    tokenizer = load_tokenizer(job.data.tokenizer or info.base / TOKENIZER)
+    cache_dir = Path(job.data.cache_dir or out_dir / "token_cache")
+    train_ds = build_data(job.data.train, tokenizer, job, cache_dir, job.data.packing)
+    valid_ds = (build_data(job.data.valid, tokenizer, job, cache_dir, job.data.packing)
+                if job.data.valid else None)
+    iters = job.train.iters or max(1, len(train_ds) // gbs)
+    say(f"data: train {train_ds.stats.summary()}")
+    if valid_ds is not None:
+        say(f"data: valid {valid_ds.stats.summary()}")
+
+    latest = train_checkpoint.find_latest(checkpoints)
+    resumed = json.loads((latest / TRAIN_META).read_text()) if latest else None
+    if resumed is not None:
+        check_resumable(latest, resumed, job, info)
+    # On resume the routers and adapters come from our own checkpoint: build from the base.
+    source = resumed["base"] if resumed else job.model.checkpoint
+    model, info = pesc_checkpoint.load(source, job.parallel, job.model.dtype,
+                                       pesc_overrides=job.pesc, lora=job.lora,
+                                       precision=job.precision,
+                                       recompute=job.model.recompute,
+                                       attention=job.model.attention,
+                                       experts=job.model.experts)
+    say(describe_frozen(model))
+    ddp = wrap_ddp(model, use_distributed_optimizer=job.optim.distributed)
+    optimizer = build_optimizer(ddp, job.optim, job.model.dtype)
+    scheduler = build_scheduler(optimizer, job.optim, iters)
+    if job.optim.warmup_steps >= iters:
+        say(f"warning: optim.warmup_steps={job.optim.warmup_steps} >= {iters} steps: the run "
+            f"never reaches optim.lr={job.optim.lr}")
+
+    start = 0
+    if resumed is not None:
+        train_checkpoint.load(latest, model, optimizer)
+        start = resumed["iteration"]
+        scheduler.load_state_dict(resumed["scheduler"])  # the step; the job's settings win
+        say(f"resumed from {latest} at step {start}")
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    par = job.parallel
+    counts = count_parameters(info.model, info.pesc, info.lora)
+    say(f"pesc train: world {dist.get_world_size()} (tp {par.tp}, pp {par.pp}, ep {par.ep}, "
+        f"dp {ps.get_data_parallel_world_size()}), {iters} steps of {gbs} sequences x {seq} "
+        f"(micro-batch {mbs}, {num_mb} per rank)")
+    say(f"parameters: trainable {counts['trainable']:,} of {counts['total']:,} (routers "
+        f"{counts['routers']:,}, adapters {counts['adapters']:,}, LoRA {counts['lora']:,}); "
+        f"on rank 0 {trainable:,} of {total:,}")
+
+    logger = Logger(out_dir, start)
+    batches = GlobalBatches(train_ds, gbs, job.train.seed)
+    num_layers = info.model.num_hidden_layers
+    coeffs = {"load_balancing_loss": info.pesc.aux_loss_coeff, "z_loss": info.pesc.z_loss_coeff}
+
+    def save(step: int) -> None:
+        train_checkpoint.save(checkpoints, step, model, optimizer, dict(
+            base=str(info.base.resolve()),
+            init_from=(resumed or {}).get("init_from") or (
+                str(info.trained.resolve()) if info.trained else None),
+            scheduler=scheduler.state_dict(), consumed_samples=step * gbs,
+            config=config_source), job.train.keep_last)
+        say(f"saved {checkpoints / train_checkpoint.iter_name(step)}")
+
+    def validate(step: int) -> float:
+        loss, tokens = evaluate(ddp, valid_ds, mbs)
+        logger.write({"step": step, "valid_loss": loss, "valid_tokens": tokens})
+        say(f"step {step}: valid loss {loss:.4f} over {tokens} tokens")
+        return loss
+
+    if valid_ds is not None and start == 0:
+        validate(0)
+    model.train()
+    pop_router_losses(1), pop_expert_load(model, num_layers)  # drop counts from loading
+    acc = dict(lm=0.0, grad=0.0, time=0.0, tokens=0, steps=0)
+    row, begun, run_steps = {}, time.perf_counter(), 0
+    for step in range(start + 1, iters + 1):
+        t0 = time.perf_counter()
+        set_seed(step_seed(job.train.seed, step))
+        indices = batches.indices(step - 1)
+        micro_batches = rank_micro_batches(train_ds, indices, mbs)
+        with profiled(out_dir, step, step == job.train.profile_step):
+            lm, grad_norm = train_step(ddp, optimizer, micro_batches, num_mb, seq, mbs)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+        scheduler.step(1)
+        acc["lm"] += lm
+        acc["grad"] += grad_norm
+        acc["tokens"] += sum(train_ds.sample_boundaries(i)[-1] for i in indices)
+        acc["time"] += time.perf_counter() - t0
+        acc["steps"] += 1
+        run_steps += 1
+        if step % job.train.log_interval == 0 or step == iters:
+            n = acc["steps"]
+            router = pop_router_losses(num_mb * n)
+            load = pop_expert_load(model, num_layers)
+            aux = sum(coeffs[k] * v.sum().item() for k, v in router.items() if coeffs.get(k))
+            row = dict(step=step, loss=acc["lm"] / n + aux, lm_loss=acc["lm"] / n,
+                       aux_loss=aux, lr=lr,
+                       grad_norm=acc["grad"] / n, tokens_per_s=acc["tokens"] / acc["time"],
+                       step_time_s=acc["time"] / n,
+                       expert_imbalance=load_imbalance(load).mean().item())
+            if "load_balancing_loss" in router:  # E * sum f_i P_i, 1.0 = balanced
+                row["balance"] = router["load_balancing_loss"].mean().item()
+            logger.write(row, load)
+            eta = (time.perf_counter() - begun) / run_steps * (iters - step)
+            say(f"step {step}/{iters} | loss {row['loss']:.4f} (lm {row['lm_loss']:.4f}, aux "
+                f"{aux:.4f}) | lr {row['lr']:.2e} | grad {row['grad_norm']:.3f} | "
+                f"{row['tokens_per_s']:.0f} tok/s | {row['step_time_s']:.2f} s/step | "
+                f"imbalance {row['expert_imbalance']:.2f} | ETA {_duration(eta)}")
+            acc = dict(lm=0.0, grad=0.0, time=0.0, tokens=0, steps=0)
+        eval_every = job.train.eval_interval
+        if valid_ds is not None and eval_every and step % eval_every == 0 and step != iters:
+            validate(step)
+        if job.train.save_interval and step % job.train.save_interval == 0 and step != iters:
+            save(step)
+    if start < iters:
+        if valid_ds is not None:
+            row = dict(row, valid_loss=validate(iters))
+        save(iters)
+    else:
+        say(f"nothing to do: {checkpoints} is already at step {start} of {iters}")
+    logger.close()
+    return row
