@@ -1,10 +1,7 @@
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
-
-PARALLEL = Path(__file__).parent / "parallel"
 
 
 def pytest_configure(config):
@@ -14,14 +11,6 @@ def pytest_configure(config):
 
     for message in KNOWN_NOISE:  # ':' separates the fields of a pytest filter: '.' matches it
         config.addinivalue_line("filterwarnings", f"ignore:{message.replace(':', '.')}")
-
-
-def pytest_collection_modifyitems(items):
-    """Every test under tests/parallel starts processes (torchrun, torch.multiprocessing):
-    marked `multiprocess`, as are the unit tests that run a CLI in a subprocess."""
-    for item in items:
-        if PARALLEL in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.multiprocess)
 
 
 @pytest.fixture(scope="session")

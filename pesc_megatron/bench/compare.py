@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from pesc_megatron.checkpoint.atomic import atomic_path
 from pesc_megatron.checkpoint.format import read_info
+from pesc_megatron.cli.args import add_pesc_args
 from pesc_megatron.model.attention import resolve_attention
 from pesc_megatron.model.builder import build_model, transformer_config
 from pesc_megatron.model.config import LORA_TARGETS, LoRAConfig, PESCConfig
@@ -59,8 +60,8 @@ def _parse(argv):
                                 description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="a `pesc info` preset")
     p.add_argument("--layers", type=int, default=None, help="fewer layers than the preset")
-    p.add_argument("--num-experts", "--experts", dest="experts", type=int, default=8)
-    p.add_argument("--topk", type=int, default=2)
+    add_pesc_args(p, ("num_experts", "topk"), dict(num_experts=PESCConfig.num_experts,
+                                                   topk=PESCConfig.topk))
     p.add_argument("--adapter-dims", default="64,256", help="PESC/reference variants per dim")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
@@ -486,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     dims = [int(d) for d in a.adapter_dims.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = dict(model=a.model, layers=a.layers, experts=a.experts, topk=a.topk,
+    base = dict(model=a.model, layers=a.layers, experts=a.num_experts, topk=a.topk,
                 adapter_dim=dims[0], lora_rank=a.lora_rank, batch=a.batch, seq=a.seq,
                 steps=a.steps, warmup=a.warmup, seed=a.seed)
     attentions = a.attentions.split(",")

@@ -19,6 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from pesc_megatron.cli.args import add_pesc_args
 from pesc_megatron.model.builder import DTYPES, transformer_config
 from pesc_megatron.model.config import ModelConfig, PESCConfig
 from pesc_megatron.model.roles import freeze_base
@@ -32,8 +33,8 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="pesc bench layer", description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=2816)
-    p.add_argument("--num-experts", "--experts", dest="experts", type=int, default=8)
-    p.add_argument("--topk", type=int, default=2)
+    add_pesc_args(p, ("num_experts", "topk"), dict(num_experts=PESCConfig.num_experts,
+                                                   topk=PESCConfig.topk))
     p.add_argument("--adapter-dim", type=int, default=64)
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=10)
@@ -56,7 +57,7 @@ def _build_layer(a):
 
     model = ModelConfig(hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=1,
                         num_attention_heads=1)
-    pesc = PESCConfig(num_experts=a.experts, topk=a.topk, adapter_dim=a.adapter_dim,
+    pesc = PESCConfig(num_experts=a.num_experts, topk=a.topk, adapter_dim=a.adapter_dim,
                       adapter_dropout=a.adapter_dropout, dispatcher=a.dispatcher)
     cfg = transformer_config(model, pesc, ParallelConfig(), a.dtype)
     layer = build_module(pesc_mlp_spec(), config=cfg, layer_number=1)
@@ -69,7 +70,7 @@ def _build_layer(a):
 
 def _flops(a) -> dict:
     """Matmul FLOPs of one forward+backward (elementwise ops, routing and copies excluded)."""
-    h, f, t, r, k, e = a.hidden, a.ffn, a.tokens, a.adapter_dim, a.topk, a.experts
+    h, f, t, r, k, e = a.hidden, a.ffn, a.tokens, a.adapter_dim, a.topk, a.num_experts
     dense = 6 * h * f * t * 2  # SwiGLU fwd (3 GEMMs) + bwd input grads only (frozen weights)
     adapters = 4 * h * r * k * t * 3  # down+up per routed row; bwd = input + weight grads
     router = 2 * h * e * t * 3  # logits; bwd = input + weight grads

@@ -27,6 +27,8 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from pesc_megatron.model.config import LoRAConfig, PESCConfig
+
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
@@ -35,18 +37,19 @@ class PESCTransformerConfig(TransformerConfig):
     """TransformerConfig plus the PESC fields. The adapter width is `moe_ffn_hidden_size`, the
     shared FFN width `moe_shared_expert_intermediate_size` (= ffn_hidden_size)."""
 
-    pesc_adapter_scaling: float = 0.25
-    pesc_adapter_dropout: float = 0.1
-    pesc_adapter_activation: str = "gelu"
+    # Defaults: PESCConfig's and LoRAConfig's (model/config.py); the builder sets them all.
+    pesc_adapter_scaling: float = PESCConfig.adapter_scaling
+    pesc_adapter_dropout: float = PESCConfig.adapter_dropout
+    pesc_adapter_activation: str = PESCConfig.adapter_activation
     # Core attention: sdpa (torch's fused kernels) | local (megatron-core's unfused) | te
     pesc_attention: str = "sdpa"
     # Adapter experts: grouped (torch._grouped_mm) | sequential (megatron-core's loop)
     pesc_experts: str = "grouped"
     # LoRA on the frozen base (model/lora.py); no targets: none.
     pesc_lora_targets: tuple = ()
-    pesc_lora_rank: int = 64
-    pesc_lora_alpha: float = 16.0
-    pesc_lora_dropout: float = 0.1
+    pesc_lora_rank: int = LoRAConfig.rank
+    pesc_lora_alpha: float = LoRAConfig.alpha
+    pesc_lora_dropout: float = LoRAConfig.dropout
 
 
 def adapter_config(config: PESCTransformerConfig) -> PESCTransformerConfig:

@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from tests.parallel.workers import check_layout, parity_worker, spawn
+from tests.helpers.workers import check_layout, parity_worker, spawn
+
+# Every test here starts processes (torchrun, torch.multiprocessing).
+pytestmark = pytest.mark.multiprocess
 
 LAYOUTS = {
     "tp2_sp": (2, dict(tp=2)),

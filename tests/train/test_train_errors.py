@@ -9,7 +9,7 @@ import pytest
 from pesc_megatron.cli import main
 from pesc_megatron.schema import ConfigError
 from pesc_megatron.train.config import apply_overrides, load_job
-from tests import tiny
+from tests.helpers import tiny
 
 
 @pytest.fixture(scope="module")

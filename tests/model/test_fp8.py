@@ -7,7 +7,7 @@ from pesc_megatron.model.config import LoRAConfig, ModelConfig, PESCConfig
 from pesc_megatron.model.precision import PrecisionConfig, check_fp8_machine, validate_precision
 from pesc_megatron.parallel.config import ParallelConfig
 from pesc_megatron.schema import ConfigError
-from tests.fp8_check import check_frozen_linear
+from tests.helpers.fp8_check import check_frozen_linear
 
 
 @pytest.mark.parametrize("matmul", ["dequantize", "scaled_mm"])
@@ -241,7 +241,7 @@ def test_job_precision_section():
 
 def test_cli_train_precision_errors_exit_2(tmp_path, capsys, single_rank):
     from pesc_megatron.cli import main
-    from tests import tiny
+    from tests.helpers import tiny
 
     ckpt = tiny.make_checkpoint(tmp_path, layers=1)
     tiny.write_jsonl(tmp_path / "train.jsonl", tiny.records(8, 1))
@@ -258,7 +258,7 @@ def test_cli_train_precision_errors_exit_2(tmp_path, capsys, single_rank):
 
 
 def test_output_layer_outlier_columns(single_rank):
-    from tests.fp8_check import check_output_outliers
+    from tests.helpers.fp8_check import check_output_outliers
 
     check_output_outliers()
 

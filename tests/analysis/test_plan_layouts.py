@@ -4,8 +4,11 @@ optimizer state and of the frozen base converted to FP8 must equal the planner's
 exactly."""
 import pytest
 
-from tests.parallel.plan_workers import plan_worker
-from tests.parallel.workers import spawn_per_rank
+from tests.helpers.plan_workers import plan_worker
+from tests.helpers.workers import spawn_per_rank
+
+# Every test here starts processes (torchrun, torch.multiprocessing).
+pytestmark = pytest.mark.multiprocess
 
 RUNS = {  # one spawn for all (start-up dominates)
     "tp2_ep2_lora": dict(layout=dict(tp=2, ep=2), lora=True, tied=False, distributed=False),

@@ -4,7 +4,10 @@ both dispatchers, with capacity dropping and with padding tokens (fp32, gloo, dr
 import pytest
 import torch
 
-from tests.parallel.workers import check_layout, parity_worker, spawn
+from tests.helpers.workers import check_layout, parity_worker, spawn
+
+# Every test here starts processes (torchrun, torch.multiprocessing).
+pytestmark = pytest.mark.multiprocess
 
 CASES = {  # name: (world, layout) with the grouped experts; the packed batch has padding
     "1rank": (1, dict()),

@@ -3,8 +3,11 @@ the distributed optimizer, which must train as the plain one and resume from a d
 import pytest
 import torch
 
-from tests.parallel.optimizer_workers import CLIP, optimizer_worker
-from tests.parallel.workers import spawn_per_rank
+from tests.helpers.optimizer_workers import CLIP, optimizer_worker
+from tests.helpers.workers import spawn_per_rank
+
+# Every test here starts processes (torchrun, torch.multiprocessing).
+pytestmark = pytest.mark.multiprocess
 
 RUNS = {  # name: (layout, distributed-optimizer checkpoint format); one spawn for both
     "dp2": (dict(), "dp_reshardable"),  # dense and expert params data-parallel over 2 ranks

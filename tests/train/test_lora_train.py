@@ -8,8 +8,11 @@ import sys
 import pytest
 import torch
 
-from tests import tiny
-from tests.tiny import ENV, ROOT, history, train
+from tests.helpers import tiny
+from tests.helpers.tiny import ENV, ROOT, history, train
+
+# Every test here starts processes (torchrun, torch.multiprocessing).
+pytestmark = pytest.mark.multiprocess
 
 LORA = {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                     "down_proj"], "rank": 8, "alpha": 16.0, "dropout": 0.1}

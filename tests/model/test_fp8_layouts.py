@@ -6,10 +6,13 @@ import json
 
 import pytest
 
-from tests import tiny
-from tests.fp8_check import tp_worker
-from tests.parallel.workers import spawn
-from tests.tiny import evaluate, train
+from tests.helpers import tiny
+from tests.helpers.fp8_check import tp_worker
+from tests.helpers.tiny import evaluate, train
+from tests.helpers.workers import spawn
+
+# Every test here starts processes (torchrun, torch.multiprocessing).
+pytestmark = pytest.mark.multiprocess
 
 
 def test_fp8_frozen_linears_tp2():

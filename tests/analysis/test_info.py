@@ -45,7 +45,7 @@ def test_info_of_the_paper_7b_setting(capsys):
 
 
 def test_info_of_a_checkpoint_and_errors(capsys, tmp_path, single_rank):
-    from tests import tiny
+    from tests.helpers import tiny
 
     ckpt = tiny.make_checkpoint(tmp_path, layers=1)
     assert main(["info", str(ckpt)]) == 0

@@ -4,7 +4,10 @@ modes (fp32, gloo). The tiny model has GQA (4 heads, 2 KV heads)."""
 import pytest
 import torch
 
-from tests.parallel.workers import check_layout, parity_worker, spawn
+from tests.helpers.workers import check_layout, parity_worker, spawn
+
+# Every test here starts processes (torchrun, torch.multiprocessing).
+pytestmark = pytest.mark.multiprocess
 
 CASES = {  # name: (world, layout) with the fused attention
     "packed_1rank": (1, dict(packed=True)),

@@ -5,12 +5,12 @@ at EP=2 loads at TP=3 with the same logits as at EP=2 (so EP=2 computes what TP=
 import pytest
 import torch
 
-from tests.parallel.convert_workers import logits_worker
-from tests.parallel.workers import spawn
-
 from tests.conftest import needs_smollm2
+from tests.helpers.convert_workers import logits_worker
+from tests.helpers.workers import spawn
 
-pytestmark = needs_smollm2
+# Every test here starts processes (torch.multiprocessing).
+pytestmark = [needs_smollm2, pytest.mark.multiprocess]
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from matplotlib.image import imread
 
 from pesc_megatron.analysis import report
 from pesc_megatron.analysis.balance import load_imbalance
-from pesc_megatron.cli import report as report_command
-from pesc_megatron.cli import main as cli_main
+from pesc_megatron.cli import main as cli_main, report as report_command
 from pesc_megatron.schema import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from pesc_megatron.parallel.distributed import free_port
-from tests import tiny
-from tests.tiny import ENV, ROOT, evaluate, history, torchrun, train
+from tests.helpers import tiny
+from tests.helpers.tiny import ENV, ROOT, evaluate, history, torchrun, train
+
+# Every test here starts processes (torchrun, torch.multiprocessing).
+pytestmark = pytest.mark.multiprocess
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, single_rank):

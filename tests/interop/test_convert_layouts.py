@@ -6,8 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.parallel.convert_workers import logits_worker
-from tests.parallel.workers import spawn
+from tests.helpers.convert_workers import logits_worker
+from tests.helpers.workers import spawn
+
+# Every test here starts processes (torchrun, torch.multiprocessing).
+pytestmark = pytest.mark.multiprocess
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)

@@ -422,7 +422,7 @@ def test_conversion_copies_every_file_of_the_tokenizers_identity(tmp_path):
     from pesc_megatron.checkpoint.format import TOKENIZER
     from pesc_megatron.data import load_tokenizer
     from pesc_megatron.interop.hf_to_pesc import convert
-    from tests import tiny
+    from tests.helpers import tiny
 
     hf = tmp_path / "hf"
     tiny.make_tokenizer(hf)

@@ -144,7 +144,7 @@ def _tiny_trainer(dtype="fp32", distributed=False, clip_grad=1e-4, log_num_zeros
     from pesc_megatron.parallel.config import ParallelConfig
     from pesc_megatron.parallel.distributed import set_seed
     from pesc_megatron.train.step import wrap_ddp
-    from tests.parallel.workers import TINY_MODEL
+    from tests.helpers.workers import TINY_MODEL
 
     set_seed(5)
     model = build_model(ModelConfig(**TINY_MODEL),
@@ -168,7 +168,7 @@ def _tiny_trainer(dtype="fp32", distributed=False, clip_grad=1e-4, log_num_zeros
 
 def _train_step(ddp, opt):
     from pesc_megatron.train.step import forward_backward
-    from tests.parallel.workers import SEQ, global_batch
+    from tests.helpers.workers import SEQ, global_batch
 
     ddp.zero_grad_buffer()
     opt.zero_grad()
@@ -193,7 +193,7 @@ def test_clipped_step_matches_torch(single_rank):
     copy of the parameters with the same gradients."""
     model, ddp, opt = _tiny_trainer(clip_grad=1e-4, log_num_zeros=True)
     from pesc_megatron.train.step import forward_backward
-    from tests.parallel.workers import SEQ, global_batch
+    from tests.helpers.workers import SEQ, global_batch
 
     ddp.zero_grad_buffer()
     opt.zero_grad()

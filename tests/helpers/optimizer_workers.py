@@ -6,7 +6,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from tests.parallel.workers import SEQ, TINY_MODEL, global_batch
+from tests.helpers.workers import SEQ, TINY_MODEL, global_batch
 
 STEPS, SAVE_AFTER, LR, CLIP = 3, 2, 1e-2, 1e-4
 
