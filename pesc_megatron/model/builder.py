@@ -19,6 +19,8 @@ from pesc_megatron.model.spec import get_pesc_block_spec
 from pesc_megatron.parallel.config import ParallelConfig, validate_layout
 from pesc_megatron.parallel.distributed import device
 
+# PESCConfig settings the layers read from their TransformerConfig as `pesc_<name>`.
+PESC_LAYER_FIELDS = ("adapter_scaling", "adapter_dropout", "adapter_activation")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
            "fp64": torch.float64}
 
@@ -103,13 +105,9 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
         moe_token_dispatcher_type=pesc.dispatcher,
         moe_ffn_hidden_size=pesc.adapter_dim,
         moe_shared_expert_intermediate_size=model.intermediate_size,
-        pesc_adapter_scaling=pesc.adapter_scaling,
-        pesc_adapter_dropout=pesc.adapter_dropout,
-        pesc_adapter_activation=pesc.adapter_activation,
+        **{f"pesc_{k}": getattr(pesc, k) for k in PESC_LAYER_FIELDS},
         pesc_lora_targets=tuple(lora.targets),
-        pesc_lora_rank=lora.rank,
-        pesc_lora_alpha=lora.alpha,
-        pesc_lora_dropout=lora.dropout,
+        **{f"pesc_lora_{k}": getattr(lora, k) for k in ("rank", "alpha", "dropout")},
         pesc_attention=resolve_attention(attention),
         pesc_experts=experts,
     )

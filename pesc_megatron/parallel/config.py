@@ -11,12 +11,14 @@ from pesc_megatron.schema import ConfigError, invalid
 
 @dataclass
 class ParallelConfig:
+    """megatron-core's model-parallel sizes; data parallelism is the rest of the world."""
+
     SECTION: ClassVar[str] = "parallel"
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: int = 1
+    tp: int = 1  # tensor parallel: attention heads, FFN width, vocabulary
+    pp: int = 1  # pipeline parallel: layers
     sequence_parallel: Optional[bool] = None  # None: on whenever tp > 1 (MoE requires it)
+    ep: int = 1  # expert parallel: the adapter experts
+    etp: int = 1  # expert tensor parallel: each adapter's width
 
     def __post_init__(self):
         for key in ("tp", "pp", "ep", "etp"):
