@@ -20,7 +20,7 @@ from pesc_megatron.checkpoint.format import (
     read_info,
     write_meta,
 )
-from pesc_megatron.checkpoint.sharded import is_lora_key, save_sharded, trainable_sharded_state_dict
+from pesc_megatron.checkpoint.sharded import save_sharded, sharded_roles, trainable_sharded_state_dict
 from pesc_megatron.model.builder import build_model
 from pesc_megatron.model.config import LoRAConfig
 from pesc_megatron.model.fp8 import calibration_batch, convert_frozen_weights
@@ -78,10 +78,13 @@ def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
                         initialize=initialize, lora=info.lora, precision=precision,
                         **build_options)
     # The base has no LoRA weights: they keep their init (B = 0) unless trained ones follow.
-    base_state = {k: v for k, v in model.sharded_state_dict().items() if not is_lora_key(k)}
+    roles = sharded_roles(model)
+    base_state = {k: v for k, v in model.sharded_state_dict().items() if roles[k] != "lora"}
     state = dist_checkpointing.load(base_state, str(info.base / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(is_lora_key(k) for k in missing), (missing, unexpected)
+    params = dict(model.named_parameters())
+    lora_only = all(getattr(params.get(k), "pesc_role", None) == "lora" for k in missing)
+    assert not unexpected and lora_only, (missing, unexpected)
     if info.trained is not None:
         state = dist_checkpointing.load(
             {"model": trainable_sharded_state_dict(model, with_lora=trained_lora)},

@@ -6,12 +6,13 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from pesc_megatron.checkpoint.atomic import new_partial, publish
 from pesc_megatron.checkpoint.format import WEIGHTS
-from pesc_megatron.model.roles import is_trainable
+from pesc_megatron.model.roles import role_of, roles_by_storage
 from pesc_megatron.parallel.distributed import is_rank0
 
 
@@ -43,13 +44,23 @@ def save_sharded(out: Path, sharded_state: dict, write_files: Callable[[Path], N
     barrier()
 
 
-def is_lora_key(key: str) -> bool:
-    return ".lora." in key
+def sharded_roles(model) -> dict[str, str | None]:
+    """{key of `model.sharded_state_dict()`: the role of its parameter (router, adapter, lora;
+    None: the frozen base)}, from the marks the builder set. An entry without a tensor (a
+    module's extra state) takes the role of its module's weights."""
+    roles = roles_by_storage(model)
+    entries = model.sharded_state_dict()
+    of_tensor = {k: role_of(v.data, roles) for k, v in entries.items()
+                 if torch.is_tensor(getattr(v, "data", None))}
+    of_module = {k.rsplit(".", 1)[0]: r for k, r in of_tensor.items() if r is not None}
+    return {k: of_tensor[k] if k in of_tensor else of_module.get(k.rsplit(".", 1)[0])
+            for k in entries}
 
 
 def trainable_sharded_state_dict(model, with_lora: bool = True) -> dict:
-    """The router, adapter and (`with_lora`) LoRA entries of `model.sharded_state_dict()`
-    (what training changes)."""
+    """The router, adapter and (`with_lora`) LoRA weights of `model.sharded_state_dict()`
+    (what training changes; not their modules' extra state)."""
+    roles = sharded_roles(model)
     return {k: v for k, v in model.sharded_state_dict().items()
-            if is_trainable("." + k) and not k.endswith("_extra_state")
-            and (with_lora or not is_lora_key(k))}
+            if roles[k] is not None and torch.is_tensor(getattr(v, "data", None))
+            and (with_lora or roles[k] != "lora")}

@@ -157,12 +157,18 @@ def test_only_router_and_adapters_train(single_rank):
     assert sum(s["exp_avg"].numel() for s in states) == n_trainable
 
 
+def is_trainable(name: str) -> bool:
+    """The independent expectation, by name: the routers, the adapter experts and LoRA."""
+    return ".mlp.router." in name or ".mlp.experts." in name or ".lora." in name
+
+
 def test_trainable_by_module_type_agrees_with_the_checkpoint_key_rule(single_rank):
-    """freeze_base decides by module type (router, adapter experts, LoRA); checkpoint files are
-    filtered by key (roles.is_trainable): both pick the same parameters, LoRA included."""
+    """freeze_base decides by module type (router, adapter experts, LoRA) and marks the role;
+    checkpoints select their entries by that mark: both pick exactly the parameters the names
+    say, LoRA included."""
+    from pesc_megatron.checkpoint.sharded import sharded_roles
     from pesc_megatron.model.builder import build_model
     from pesc_megatron.model.config import LORA_TARGETS, LoRAConfig
-    from pesc_megatron.model.roles import is_trainable
 
     model = build_model(MODEL, PESCConfig(num_experts=E, adapter_dim=8), ParallelConfig(),
                         lora=LoRAConfig(targets=list(LORA_TARGETS), rank=4))
@@ -170,6 +176,9 @@ def test_trainable_by_module_type_agrees_with_the_checkpoint_key_rule(single_ran
     assert any(".lora." in n for n in names) and any(p.requires_grad for p in names.values())
     for name, p in names.items():
         assert p.requires_grad == is_trainable(name), name
+    for key, role in sharded_roles(model).items():
+        assert (role is not None) == is_trainable("." + key), key
+        assert (role == "lora") == (".lora." in key), key
 
 
 def _imbalance(layer, x):
