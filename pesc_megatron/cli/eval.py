@@ -17,7 +17,7 @@ from pesc_megatron.cli.args import add_parallel_args, add_precision_args, precis
 from pesc_megatron.data import build_dataset, load_tokenizer
 from pesc_megatron.model.attention import resolve_attention
 from pesc_megatron.model.fp8 import describe_frozen
-from pesc_megatron.model.precision import check_fp8_machine
+from pesc_megatron.model.precision import check_fp8_machine, validate_precision
 from pesc_megatron.parallel.config import ParallelConfig, splits_over_tp, validate_layout
 from pesc_megatron.parallel.distributed import destroy, initialize, say
 from pesc_megatron.schema import ConfigError
@@ -47,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     if not splits_over_tp(par, args.seq_length):
         ap.error(f"--seq-length {args.seq_length} is not divisible by --tp {par.tp} (sequence "
                  "parallelism splits every sequence over the TP ranks)")
-    if args.frozen_weights not in (None, "fp8", args.dtype):
+    precision = precision_from_args(args)
+    try:
+        validate_precision(precision, args.dtype)
+    except ConfigError:  # the same check as precision.frozen_weights, in this command's flags
         ap.error(f"--frozen-weights {args.frozen_weights}: the base computes in --dtype "
                  f"{args.dtype}; use {args.dtype} or fp8")
-    precision = precision_from_args(args)
     check_fp8_machine(precision)
     resolve_attention(args.attention, "--attention")
     info = read_info(args.ckpt)

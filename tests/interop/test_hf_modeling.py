@@ -202,3 +202,17 @@ def test_qkv_bias_matches_qwen2():
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, qwen(x).logits, rtol=0, atol=1e-6)
+
+
+def test_camelidae_config_defaults_are_pescconfigs():
+    """configuration_camelidae.py is copied into every export and imports only transformers, so
+    it repeats PESCConfig's defaults (the released models' values): they must agree."""
+    from pesc_megatron.interop.mapping import CAMELIDAE_OPTIONAL
+    from pesc_megatron.model.config import PESCConfig
+
+    cfg, ours = CamelidaeConfig(), PESCConfig()
+    assert (cfg.num_experts, cfg.topk, cfg.adapter_dim, cfg.moe_scaling) == (
+        ours.num_experts, ours.topk, ours.adapter_dim, ours.adapter_scaling)
+    for theirs, name in CAMELIDAE_OPTIONAL.items():
+        assert getattr(cfg, theirs) == getattr(ours, name), theirs
+
