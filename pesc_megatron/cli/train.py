@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 
 import torch
 
@@ -20,7 +21,10 @@ from pesc_megatron.parallel.config import validate_layout
 from pesc_megatron.parallel.distributed import destroy, initialize, say
 from pesc_megatron.schema import ConfigError
 from pesc_megatron.train.config import check_batch_layout, load_job
-from pesc_megatron.train.trainer import run
+from pesc_megatron.train.trainer import NonFiniteError, run
+
+# `pesc train` stopped by train.max_skipped_steps consecutive non-finite steps.
+EXIT_NON_FINITE = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         row = run(job, dict(file=str(args.config), overrides=args.overrides,
                             resolved=dataclasses.asdict(job)))
         say(json.dumps(row))
+    except NonFiniteError as e:  # every rank stops here together; rank 0 says why
+        say(f"pesc train: error: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
     finally:
         destroy()
     return 0

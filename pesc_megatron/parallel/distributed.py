@@ -69,10 +69,10 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def say(*args) -> None:
+def say(*args, file=None) -> None:
     """print() on global rank 0 only, flushed (every rank runs the same code)."""
     if is_rank0():
-        print(*args, flush=True)
+        print(*args, file=file, flush=True)
 
 
 def free_port() -> int:

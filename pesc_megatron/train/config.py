@@ -75,6 +75,13 @@ class TrainConfig:
     out_dir: str = "runs/pesc"
     dist_timeout_minutes: int = 60  # collectives' timeout; rank 0 tokenises while others wait
     profile_step: int = 0  # >0: this step runs under torch.profiler (train/profile.py)
+    # true: the LM loss is every loss token's loss over the global batch's loss tokens, the
+    # same objective at any micro-batch size and layout; false: megatron-core's default, the
+    # mean of each micro-batch's token mean
+    per_token_loss: bool = True
+    # consecutive steps with a non-finite loss or gradient (each skipped: no update) before the
+    # run stops
+    max_skipped_steps: int = 5
 
 
 @dataclass
@@ -206,7 +213,7 @@ def validate_job(job: JobConfig) -> None:
         bad("optim.warmup_steps", "must be >= 0")
     t = job.train
     for key in ("micro_batch_size", "global_batch_size", "log_interval", "keep_last",
-                "dist_timeout_minutes"):
+                "dist_timeout_minutes", "max_skipped_steps"):
         if getattr(t, key) < 1:
             bad(f"train.{key}", "must be >= 1")
     for key in ("eval_interval", "save_interval"):

@@ -4,6 +4,8 @@ for packed sequences `cu_seqlens` and `max_seqlen` (data.collate): those run as 
 b * s positions whose samples attend only to themselves (megatron-core's PackedSeqParams)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -53,7 +55,7 @@ def model_inputs(batch: dict, thd: bool = True) -> dict:
         max_seqlen_kv=batch["max_seqlen"]))
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(data_iterator, model, loss_scale: float | None = None):
     config = get_model_config(model)
     batch = model_inputs(next(data_iterator), uses_thd(config))
     tokens = batch["tokens"]
@@ -73,12 +75,16 @@ def _forward_step(data_iterator, model):
     loss_mask = batch["loss_mask"].float()
 
     def loss_func(per_token_loss):
-        # Mean over this micro-batch's loss tokens; the schedule averages micro-batches.
         loss_sum = (per_token_loss.float() * loss_mask).sum()
         tokens = loss_mask.sum()
-        loss = loss_sum / tokens.clamp(min=1)
-        # Detached copies: the schedule divides `loss` in place.
-        return loss, {"lm_loss": loss.detach().clone(), "loss_sum": loss_sum.detach(),
+        mean = loss_sum / tokens.clamp(min=1)
+        # The schedule divides by the number of micro-batches and DDP averages over DP. Without
+        # `loss_scale` the objective is thus the mean of the micro-batches' means; with it
+        # (micro-batches x DP / the global batch's loss tokens) the sum of every token loss
+        # over the global number of loss tokens, whatever the layout.
+        loss = mean if loss_scale is None else loss_sum * loss_scale
+        # Copies: the schedule divides `loss` in place.
+        return loss, {"lm_loss": mean.detach().clone(), "loss_sum": loss_sum.detach().clone(),
                       "tokens": tokens.detach()}
 
     return output, loss_func
@@ -96,14 +102,21 @@ def forward_backward(model, micro_batches: list[dict], num_microbatches: int,
 
 
 def run_schedule(model, micro_batches: list[dict], num_microbatches: int, seq_length: int,
-                 micro_batch_size: int, forward_only: bool = False):
+                 micro_batch_size: int, forward_only: bool = False,
+                 global_loss_tokens: float | None = None):
     """Like `forward_backward`, returning on the last stage {"lm_loss": mean of micro-batch
-    means, "loss_sum": summed token losses, "tokens": loss tokens} for this rank."""
+    means, "loss_sum": summed token losses, "tokens": loss tokens} for this rank. With
+    `global_loss_tokens` (the loss tokens of the whole global batch, every rank the same) the
+    gradient is that of the per-token objective: every token loss summed, over that count."""
+    loss_scale = None
+    if global_loss_tokens is not None:
+        loss_scale = (num_microbatches * parallel_state.get_data_parallel_world_size()
+                      / max(global_loss_tokens, 1.0))
     if micro_batches and "cu_seqlens" in micro_batches[0] and uses_thd(get_model_config(model)):
         # THD: one row of b * s positions
         seq_length, micro_batch_size = seq_length * micro_batch_size, 1
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=functools.partial(_forward_step, loss_scale=loss_scale),
         data_iterator=iter(micro_batches),
         model=[model],
         num_microbatches=num_microbatches,
@@ -144,14 +157,65 @@ def last_stage_sum(value: torch.Tensor | float | None) -> torch.Tensor:
     return t / parallel_state.get_tensor_model_parallel_world_size()
 
 
+def global_loss_tokens(micro_batches: list[dict]) -> float:
+    """The loss tokens of the global batch: this rank's micro-batches summed over DP (every
+    rank of a data-parallel replica holds the same micro-batches)."""
+    local = sum(mb["loss_mask"].sum() for mb in micro_batches) if micro_batches else 0.0
+    tokens = torch.as_tensor(local, dtype=torch.float64, device=device()).reshape(1)
+    dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+    return tokens.item()
+
+
+def all_finite(ddp, stats: dict | None) -> bool:
+    """Whether the loss and every gradient of this step are finite on every rank (all agree).
+    The local gradient buffers are checked before any sharding, so a non-finite value anywhere
+    is seen by all."""
+    bad = any(not torch.isfinite(p.main_grad).all() for p in ddp.parameters()
+              if p.requires_grad)
+    if stats is not None:
+        bad = bad or not torch.isfinite(stats["loss_sum"]).all()
+    flag = torch.tensor([float(bad)], device=device())
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def state_is_finite(model, optimizer) -> bool:
+    """Whether every trainable weight and every optimizer tensor (master weights, Adam's
+    moments) is finite on every rank (all agree): checked before each checkpoint."""
+    tensors = [p for p in model.parameters() if p.requires_grad]
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        tensors += [p for group in inner.param_groups for p in group["params"]]
+        tensors += [v for state in inner.state.values() for v in state.values()
+                    if torch.is_tensor(v)]
+    bad = any(not torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+    flag = torch.tensor([float(bad)], device=device())
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
 def train_step(ddp, optimizer, micro_batches: list[dict], num_microbatches: int,
-               seq_length: int, micro_batch_size: int) -> tuple[float, float]:
+               seq_length: int, micro_batch_size: int, per_token: bool = True,
+               poison: bool = False) -> tuple[float, float, bool]:
     """One optimizer step over this rank's micro-batches. Returns, on every rank, the LM loss
-    (the objective without the router losses) averaged over data-parallel ranks, and the
-    gradient norm before clipping."""
+    (the objective without the router losses: the mean over the global batch's loss tokens,
+    or with `per_token=False` the mean of the micro-batches' means), the gradient norm before
+    clipping, and whether the step was skipped: a non-finite loss or gradient on any rank
+    leaves the weights and the optimizer state as they were. `poison` (a fault-injection
+    hook for tests) makes this rank's gradients NaN."""
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    stats = run_schedule(ddp, micro_batches, num_microbatches, seq_length, micro_batch_size)
+    tokens = global_loss_tokens(micro_batches) if per_token else None
+    stats = run_schedule(ddp, micro_batches, num_microbatches, seq_length, micro_batch_size,
+                         global_loss_tokens=tokens)
+    if poison:
+        next(p for p in ddp.parameters() if p.requires_grad).main_grad.fill_(float("nan"))
+    if per_token:
+        lm = last_stage_sum(None if stats is None else stats["loss_sum"]).item() / max(tokens, 1)
+    else:
+        lm = last_stage_sum(None if stats is None else stats["lm_loss"]).item()
+        lm /= parallel_state.get_data_parallel_world_size()
+    if not all_finite(ddp, stats):
+        return lm, float("nan"), True
     _, grad_norm, _ = optimizer.step()
-    lm = last_stage_sum(None if stats is None else stats["lm_loss"]).item()
-    return lm / parallel_state.get_data_parallel_world_size(), float(grad_norm or 0.0)
+    return lm, float(grad_norm or 0.0), False

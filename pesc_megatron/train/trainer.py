@@ -2,12 +2,15 @@
 of a PESC checkpoint with megatron-core's DDP, optimizer, LR schedule and pipeline schedules,
 resuming from the newest checkpoint in `train.out_dir/checkpoints`.
 
-The objective is megatron-core's: each micro-batch's mean over its loss tokens, averaged over
-the micro-batches of a global batch, plus the routers' load-balancing (and z) losses.
+The objective is the mean token loss over the loss tokens of each global batch (with
+`train.per_token_loss: false`, megatron-core's default: each micro-batch's mean over its loss
+tokens, averaged over the micro-batches), plus the routers' load-balancing (and z) losses
+averaged over the micro-batches.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from pesc_megatron.data import load_tokenizer
 from pesc_megatron.model.config import LoRAConfig
 from pesc_megatron.model.fp8 import describe_frozen
 from pesc_megatron.model.size import count_parameters
-from pesc_megatron.parallel.distributed import say, set_seed
+from pesc_megatron.parallel.distributed import is_rank0, say, set_seed
 from pesc_megatron.schema import ConfigError, from_dict
 from pesc_megatron.train.batches import GlobalBatches, build_data, rank_micro_batches
 from pesc_megatron.train.config import JobConfig, check_batch_layout
@@ -31,7 +34,7 @@ from pesc_megatron.train.logger import Logger
 from pesc_megatron.train.metrics import pop_expert_load, pop_router_losses
 from pesc_megatron.train.optim import build_optimizer, build_scheduler
 from pesc_megatron.train.profile import profiled
-from pesc_megatron.train.step import train_step, wrap_ddp
+from pesc_megatron.train.step import state_is_finite, train_step, wrap_ddp
 
 
 def _duration(seconds: float) -> str:
@@ -62,6 +65,24 @@ def check_resumable(latest: Path, state: dict, job: JobConfig, info) -> None:
             raise ConfigError(
                 f"{section}.{key}={now!r}: {latest} was trained with {saved[section][key]!r}; "
                 "the data order would change (use a new train.out_dir)")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with non-finite losses or gradients (train.max_skipped_steps);
+    its message is one line."""
+
+
+# Fault injection for tests: the steps whose gradients rank 0 makes NaN ("3,4").
+FAULT_STEPS_ENV = "PESC_FAULT_NONFINITE_STEPS"
+
+
+def fault_steps() -> set[int]:
+    return {int(s) for s in os.environ.get(FAULT_STEPS_ENV, "").split(",") if s.strip()}
+
+
+def new_interval() -> dict:
+    """The sums of one log interval: losses and norms over the steps that updated."""
+    return dict(lm=0.0, grad=0.0, time=0.0, tokens=0, steps=0, updates=0, skipped=0)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -131,6 +152,10 @@ def run(job: JobConfig, config_source: dict) -> dict:
     coeffs = {"load_balancing_loss": info.pesc.aux_loss_coeff, "z_loss": info.pesc.z_loss_coeff}
 
     def save(step: int) -> None:
+        if not state_is_finite(model, optimizer):  # never a checkpoint one cannot resume from
+            raise NonFiniteError(f"not saving step {step}: the trainable weights or the "
+                                 f"optimizer state hold non-finite values; the newest "
+                                 f"checkpoint in {checkpoints} is the last finite one")
         train_checkpoint.save(checkpoints, step, model, optimizer, dict(
             base=str(info.base.resolve()),
             init_from=(resumed or {}).get("init_from") or (
@@ -149,33 +174,54 @@ def run(job: JobConfig, config_source: dict) -> dict:
         validate(0)
     model.train()
     pop_router_losses(1), pop_expert_load(model, num_layers)  # drop counts from loading
-    acc = dict(lm=0.0, grad=0.0, time=0.0, tokens=0, steps=0)
-    row, begun, run_steps = {}, time.perf_counter(), 0
+    acc = new_interval()
+    row, begun, run_steps, skipped_in_row = {}, time.perf_counter(), 0, 0
+    faults = fault_steps()
     for step in range(start + 1, iters + 1):
         t0 = time.perf_counter()
         set_seed(step_seed(job.train.seed, step))
         indices = batches.indices(step - 1)
         micro_batches = rank_micro_batches(train_ds, indices, mbs)
         with profiled(out_dir, step, step == job.train.profile_step):
-            lm, grad_norm = train_step(ddp, optimizer, micro_batches, num_mb, seq, mbs)
+            lm, grad_norm, skipped = train_step(
+                ddp, optimizer, micro_batches, num_mb, seq, mbs,
+                per_token=job.train.per_token_loss, poison=step in faults and is_rank0())
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-        scheduler.step(1)
-        acc["lm"] += lm
-        acc["grad"] += grad_norm
+        if skipped:
+            skipped_in_row += 1
+            acc["skipped"] += 1
+            say(f"step {step}: non-finite loss or gradients (lm loss {lm}): skipped, no update "
+                f"({skipped_in_row} in a row; train.max_skipped_steps="
+                f"{job.train.max_skipped_steps})")
+            if skipped_in_row >= job.train.max_skipped_steps:
+                raise NonFiniteError(
+                    f"train.max_skipped_steps={job.train.max_skipped_steps}: steps "
+                    f"{step - skipped_in_row + 1}-{step} all had non-finite losses or "
+                    f"gradients; stopping (the newest checkpoint in {checkpoints} holds finite "
+                    "weights: lower optim.lr or check the data)")
+        else:
+            skipped_in_row = 0
+            scheduler.step(1)
+            acc["lm"] += lm
+            acc["grad"] += grad_norm
+            acc["updates"] += 1
         acc["tokens"] += sum(train_ds.sample_boundaries(i)[-1] for i in indices)
         acc["time"] += time.perf_counter() - t0
         acc["steps"] += 1
         run_steps += 1
         if step % job.train.log_interval == 0 or step == iters:
-            n = acc["steps"]
+            n, updates = acc["steps"], max(acc["updates"], 1)
             router = pop_router_losses(num_mb * n)
             load = pop_expert_load(model, num_layers)
             aux = sum(coeffs[k] * v.sum().item() for k, v in router.items() if coeffs.get(k))
-            row = dict(step=step, loss=acc["lm"] / n + aux, lm_loss=acc["lm"] / n,
-                       aux_loss=aux, lr=lr,
-                       grad_norm=acc["grad"] / n, tokens_per_s=acc["tokens"] / acc["time"],
+            # the losses and norms of the steps that updated (all NaN: every step skipped)
+            lm_mean = acc["lm"] / updates if acc["updates"] else float("nan")
+            row = dict(step=step, loss=lm_mean + aux, lm_loss=lm_mean,
+                       aux_loss=aux, lr=lr, grad_norm=acc["grad"] / updates if acc["updates"]
+                       else float("nan"), tokens_per_s=acc["tokens"] / acc["time"],
                        step_time_s=acc["time"] / n,
-                       expert_imbalance=load_imbalance(load).mean().item())
+                       expert_imbalance=load_imbalance(load).mean().item(),
+                       skipped_steps=acc["skipped"])
             if "load_balancing_loss" in router:  # E * sum f_i P_i, 1.0 = balanced
                 row["balance"] = router["load_balancing_loss"].mean().item()
             logger.write(row, load)
@@ -183,8 +229,9 @@ def run(job: JobConfig, config_source: dict) -> dict:
             say(f"step {step}/{iters} | loss {row['loss']:.4f} (lm {row['lm_loss']:.4f}, aux "
                 f"{aux:.4f}) | lr {row['lr']:.2e} | grad {row['grad_norm']:.3f} | "
                 f"{row['tokens_per_s']:.0f} tok/s | {row['step_time_s']:.2f} s/step | "
-                f"imbalance {row['expert_imbalance']:.2f} | ETA {_duration(eta)}")
-            acc = dict(lm=0.0, grad=0.0, time=0.0, tokens=0, steps=0)
+                f"imbalance {row['expert_imbalance']:.2f} | ETA {_duration(eta)}"
+                + (f" | skipped {acc['skipped']}" if acc["skipped"] else ""))
+            acc = new_interval()
         eval_every = job.train.eval_interval
         if valid_ds is not None and eval_every and step % eval_every == 0 and step != iters:
             validate(step)

@@ -107,20 +107,25 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
-def torchrun(nproc: int, *args, popen: bool = False, **kwargs):
+def torchrun(nproc: int, *args, popen: bool = False, env: dict | None = None,
+             check: bool = True, **kwargs):
+    """`torchrun --standalone` from the repository root (`env` adds variables); asserts exit
+    code 0 unless `check=False`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", *args]
+    env = dict(ENV, **(env or {}))
     if popen:
-        return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    run = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
                          **kwargs)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0 or not check, run.stdout[-3000:] + run.stderr[-3000:]
     return run
 
 
-def train(nproc: int, config: Path, *overrides: str):
-    return torchrun(nproc, "-m", "pesc_megatron.cli", "train", str(config), *overrides)
+def train(nproc: int, config: Path, *overrides: str, **kwargs):
+    return torchrun(nproc, "-m", "pesc_megatron.cli", "train", str(config), *overrides,
+                    **kwargs)
 
 
 def evaluate(nproc: int, ckpt: Path, data: Path, *flags: str) -> dict:

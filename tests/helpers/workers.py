@@ -169,3 +169,67 @@ def check_layout(reference, world, layout, name, rtol=1e-5):
         assert want.abs().max() > 0, key  # every trainable tensor is exercised
         torch.testing.assert_close(got["grads"][key], want, rtol=rtol,
                                    atol=rtol * want.abs().max().item(), msg=key)
+
+
+def objective_worker(layout: dict, ckpt: str, items_path: str, weights_dir: str,
+                     out_path: str) -> None:
+    """One `train_step` (Adam, no clipping) of the tiny real checkpoint at `layout` on the
+    sequences in `items_path`, split over DP and grouped into micro-batches of
+    `layout["micro_batch_size"]`; `layout["per_token"]` picks the objective. Dropout and the
+    router losses are off. The first run (one rank) draws non-zero routers and adapters and
+    saves them to `weights_dir`; the others load them. Rank 0 saves the LM loss, the grad
+    norm and every updated trainable weight, keyed by its single-rank name."""
+    from megatron.core import dist_checkpointing, parallel_state as ps
+
+    from pesc_megatron.checkpoint import base as checkpoint
+    from pesc_megatron.checkpoint.sharded import trainable_sharded_state_dict
+    from pesc_megatron.data import collate
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.parallel.distributed import destroy, initialize
+    from pesc_megatron.train.config import OptimConfig
+    from pesc_megatron.train.optim import build_optimizer
+    from pesc_megatron.train.step import train_step, wrap_ddp
+
+    layout = dict(layout)
+    mbs, per_token = layout.pop("micro_batch_size"), layout.pop("per_token")
+    par = ParallelConfig(**layout)
+    initialize(par, seed=7)
+    model, info = checkpoint.load(ckpt, par, pesc_overrides=dict(
+        adapter_dropout=0.0, aux_loss_coeff=0.0, z_loss_coeff=0.0))
+    if not os.path.exists(weights_dir):
+        assert dist.get_world_size() == 1
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        os.makedirs(weights_dir)
+        dist_checkpointing.save({"model": trainable_sharded_state_dict(model)}, weights_dir)
+    else:
+        state = dist_checkpointing.load({"model": trainable_sharded_state_dict(model)},
+                                        weights_dir)
+        model.load_state_dict(state["model"], strict=False)
+    ddp = wrap_ddp(model)
+    optimizer = build_optimizer(ddp, OptimConfig(lr=1e-3, clip_grad=0.0), "fp32")
+    items = torch.load(items_path)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = items[dp_rank * len(items) // dp:(dp_rank + 1) * len(items) // dp]
+    batches = [collate(mine[j:j + mbs]) for j in range(0, len(mine), mbs)]
+    seq = batches[0]["tokens"].shape[1]
+    lm, grad_norm = train_step(ddp, optimizer, batches, len(batches), seq, mbs,
+                               per_token=per_token)
+    n_local = info.pesc.num_experts // par.ep
+    weights = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            parts = name.split(".")
+            if "local_experts" in parts:
+                i = parts.index("local_experts") + 1
+                parts[i] = str(int(parts[i]) + ps.get_expert_model_parallel_rank() * n_local)
+            weights[".".join(parts)] = p.detach().clone()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, weights)
+    if dist.get_rank() == 0:
+        merged = {k: v for w in gathered for k, v in w.items()}
+        torch.save({"lm": lm, "grad_norm": grad_norm, "weights": merged}, out_path)
+    destroy()
