@@ -20,7 +20,11 @@ from pesc_megatron.checkpoint.format import (
     read_info,
     write_meta,
 )
-from pesc_megatron.checkpoint.sharded import save_sharded, sharded_roles, trainable_sharded_state_dict
+from pesc_megatron.checkpoint.sharded import (
+    save_sharded,
+    sharded_roles,
+    trainable_sharded_state_dict,
+)
 from pesc_megatron.model.builder import build_model
 from pesc_megatron.model.config import LoRAConfig
 from pesc_megatron.model.fp8 import calibration_batch, convert_frozen_weights
@@ -51,7 +55,7 @@ def save(model, out: str | Path, info: CheckpointInfo, tokenizer_files=(),
 def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
          initialize: bool = False, pesc_overrides: dict | None = None,
          lora: LoRAConfig | None = None, precision: PrecisionConfig | None = None,
-         **build_options):
+         base: str | Path | None = None, **build_options):
     """Builds this rank's part of the model for `parallel` and loads the checkpoint into it
     (a training checkpoint: its base, then its routers, adapters and LoRA). Needs
     `parallel.distributed.initialize(parallel)` first. Returns (model, info). The random init is
@@ -59,10 +63,10 @@ def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
     changes training-time PESC settings. `lora` (a training job's) adds fresh LoRA weights
     where the checkpoint has none; a checkpoint trained with LoRA must be given the same
     settings. `precision`: `frozen_weights="fp8"` stores the frozen weights in FP8 once loaded
-    (model/fp8.py); `fp8` builds with Transformer Engine's linears (GPU). `build_options` go to
-    `build_model`."""
+    (model/fp8.py); `fp8` builds with Transformer Engine's linears (GPU). `base`: where a
+    training checkpoint's base is, if it moved. `build_options` go to `build_model`."""
     ckpt = Path(ckpt)
-    info = read_info(ckpt)
+    info = read_info(ckpt, base)
     if pesc_overrides:
         info.pesc = dataclasses.replace(info.pesc, **pesc_overrides)
     trained_lora = info.lora.enabled

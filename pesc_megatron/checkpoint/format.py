@@ -8,16 +8,21 @@
 A training checkpoint (`pesc train`) holds only what training changes and points to its base:
 
     RUN/checkpoints/latest               name of the newest iter_* folder
-    RUN/checkpoints/iter_NNNNNNN/train_state.json   base path, iteration, data position, config
+    RUN/checkpoints/latest_checkpointed_iteration.txt   its iteration (Megatron-LM's tracker)
+    RUN/checkpoints/iter_NNNNNNN/train_state.json   base path (relative to RUN, and absolute),
+                                                    iteration, data position, config
     RUN/checkpoints/iter_NNNNNNN/weights/           dist_checkpointing: router and adapter
                                                     weights ("model") and optimizer state
 Every reader accepts a base checkpoint, a training checkpoint, its `checkpoints` folder or
-the run folder (both resolve through `latest`).
+the run folder (both resolve through `latest`). A training checkpoint finds its base through
+the path relative to its run folder (a run moved together with its base), else the absolute
+one, else the `base` the caller gives (a base moved elsewhere: `--base`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +33,7 @@ FORMAT = "pesc-megatron/1"
 TRAIN_FORMAT = "pesc-megatron-train/1"
 META, HF_CONFIG, WEIGHTS, TOKENIZER = "pesc.json", "hf_config.json", "weights", "tokenizer"
 TRAIN_META, LATEST = "train_state.json", "latest"
+MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 
 
 @dataclasses.dataclass
@@ -41,8 +47,40 @@ class CheckpointInfo:
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)  # the training's LoRA
 
 
-def resolve(ckpt: str | Path) -> tuple[Path, Optional[Path]]:
-    """(base checkpoint, training checkpoint or None) for any folder the loaders accept."""
+def run_folder(trained: Path) -> Path:
+    """RUN of RUN/checkpoints/iter_NNNNNNN."""
+    return trained.resolve().parent.parent
+
+
+def base_paths(trained: Path, base: Path) -> dict:
+    """How a training checkpoint in `trained` records its `base` (train_state.json)."""
+    base = base.resolve()
+    return dict(base=os.path.relpath(base, run_folder(trained)), base_absolute=str(base))
+
+
+def find_base(trained: Path, state: dict, base: str | Path | None = None) -> Path:
+    """The base checkpoint of the training checkpoint `trained`: `base` if given, else the
+    recorded path relative to the run folder, else the recorded absolute path."""
+    if base is not None:
+        candidates = [Path(base)]
+    else:
+        recorded = Path(state["base"])
+        candidates = [recorded] if recorded.is_absolute() else [
+            run_folder(trained) / recorded, Path(state.get("base_absolute", recorded))]
+    for path in candidates:
+        if (path / META).is_file():
+            return path
+    if base is not None:
+        raise ConfigError(f"--base {base}: not a base checkpoint (no {META})")
+    raise ConfigError(f"{trained}: its base checkpoint is missing: neither "
+                      f"{' nor '.join(str(p) for p in dict.fromkeys(candidates))} exists (moved? "
+                      "give its new place with --base, or model.checkpoint to resume)")
+
+
+def resolve(ckpt: str | Path, base: str | Path | None = None
+            ) -> tuple[Path, Optional[Path]]:
+    """(base checkpoint, training checkpoint or None) for any folder the loaders accept;
+    `base` overrides where a training checkpoint's base is."""
     ckpt = Path(ckpt)
     for folder in (ckpt, ckpt / "checkpoints"):
         if (folder / LATEST).is_file():
@@ -53,18 +91,15 @@ def resolve(ckpt: str | Path) -> tuple[Path, Optional[Path]]:
         if state.get("format") != TRAIN_FORMAT:
             raise ConfigError(f"{ckpt / TRAIN_META}: format {state.get('format')!r}, expected "
                               f"{TRAIN_FORMAT!r}")
-        base = Path(state["base"])
-        if not (base / META).is_file():
-            raise ConfigError(f"{ckpt}: its base checkpoint {base} is missing")
-        return base, ckpt
+        return find_base(ckpt, state, base), ckpt
     if not (ckpt / META).is_file():
         raise ConfigError(f"{ckpt}: not a pesc-megatron checkpoint (no {META}, {TRAIN_META} "
                           f"or {LATEST})")
     return ckpt, None
 
 
-def read_info(ckpt: str | Path) -> CheckpointInfo:
-    base, trained = resolve(ckpt)
+def read_info(ckpt: str | Path, base: str | Path | None = None) -> CheckpointInfo:
+    base, trained = resolve(ckpt, base)
     info = _read_base_info(base)
     info.base, info.trained = base, trained
     if trained is not None:  # the run's training-time PESC settings (capacity, dispatcher, ...)

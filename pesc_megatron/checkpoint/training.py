@@ -19,7 +19,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from pesc_megatron.checkpoint import atomic
-from pesc_megatron.checkpoint.format import LATEST, TRAIN_FORMAT, TRAIN_META, WEIGHTS
+from pesc_megatron.checkpoint.format import (
+    LATEST,
+    MEGATRON_TRACKER,
+    TRAIN_FORMAT,
+    TRAIN_META,
+    WEIGHTS,
+)
 from pesc_megatron.checkpoint.sharded import save_sharded, trainable_sharded_state_dict
 
 
@@ -71,6 +77,7 @@ def save(checkpoints: Path, iteration: int, model, optimizer, train_state: dict,
         folder / TRAIN_META).write_text(json.dumps(state, indent=2) + "\n"))
     if rank0:
         atomic.write_text(checkpoints / LATEST, target.name + "\n")
+        atomic.write_text(checkpoints / MEGATRON_TRACKER, f"{iteration}\n")
         # Keep the newest keep_last up to this one; never touch later (abandoned) ones.
         earlier = sorted(p for p in checkpoints.glob("iter_*")
                          if _iteration(p) is not None and _iteration(p) <= iteration)

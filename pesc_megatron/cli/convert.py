@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
                    help="merge trained LoRA into the base weights (default); --no-merge-lora "
                    "keeps the base unchanged and writes a PEFT adapter to OUT/lora/")
+    b.add_argument("--base", help="where a training checkpoint's base checkpoint is, if it "
+                   "moved (default: the path the run recorded)")
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = ap.parse_args(argv)
 
@@ -43,6 +45,6 @@ def main(argv: list[str] | None = None) -> int:
                       force=args.force)
     else:
         out = export(args.ckpt, args.out, fmt=args.format, force=args.force,
-                     max_shard_gb=args.max_shard_gb, merge=args.merge_lora)
+                     max_shard_gb=args.max_shard_gb, merge=args.merge_lora, base=args.base)
     print(f"wrote {out}")
     return 0

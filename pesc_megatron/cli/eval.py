@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="one sample per sequence (the loss is the same; packing is faster)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     add_precision_args(ap)
+    ap.add_argument("--base", help="where a training checkpoint's base checkpoint is, if it "
+                    "moved (default: the path the run recorded)")
     ap.add_argument("--tokenizer", help="default: the checkpoint's tokenizer/ folder")
     ap.add_argument("--cache-dir", help="token cache (default: none, tokenise in memory)")
     ap.add_argument("--attention", choices=ATTENTIONS, default="auto",
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{args.dtype}; use {args.dtype} or fp8")
     check_fp8_machine(precision)
     resolve_attention(args.attention, "--attention")
-    info = read_info(args.ckpt)
+    info = read_info(args.ckpt, args.base)
     try:
         validate_layout(info.model, info.pesc, par, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     initialize(par)
     try:
         model, _ = checkpoint.load(args.ckpt, par, args.dtype, precision=precision,
-                                   attention=args.attention)
+                                   base=args.base, attention=args.attention)
         say(describe_frozen(model))
         loss, tokens = evaluate(model, dataset, args.micro_batch_size)
         say(f"eval: {dataset.stats.summary()}")

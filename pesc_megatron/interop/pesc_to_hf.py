@@ -94,19 +94,21 @@ def merge_lora(tensors: dict, state: dict, info: CheckpointInfo) -> None:
 
 
 def export(ckpt: str | Path, out: str | Path, fmt: str = "camelidae", force: bool = False,
-           max_shard_gb: float = 5.0, merge: bool = True) -> Path:
+           max_shard_gb: float = 5.0, merge: bool = True, base: str | Path | None = None
+           ) -> Path:
     """Writes `out` atomically (a `.partial` folder renamed at the end). Single process.
     LoRA, if the checkpoint has it, is merged into the base weights, or with `merge=False`
-    written beside them as a PEFT adapter in `out/lora/`."""
+    written beside them as a PEFT adapter in `out/lora/`. `base`: where a training
+    checkpoint's base is, if it moved."""
     ckpt, out = Path(ckpt), Path(out)
     if fmt not in ("camelidae", "dense"):
         raise ConfigError(f"--format {fmt!r}: use camelidae or dense")
     check_out(out, force, source=ckpt)
-    info = read_info(ckpt)
+    info = read_info(ckpt, base)
     if fmt == "dense" and not info.hf_config.get("architectures"):
         raise ConfigError(f"{ckpt}: the source architecture is unknown; use --format camelidae")
     initialize(ParallelConfig())
-    model, info = checkpoint.load(ckpt, ParallelConfig(), initialize=False)
+    model, info = checkpoint.load(ckpt, ParallelConfig(), initialize=False, base=base)
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     dense = fmt == "dense"
     if dense:

@@ -18,9 +18,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from pesc_megatron.analysis.balance import load_imbalance
-from pesc_megatron.checkpoint import base as pesc_checkpoint
-from pesc_megatron.checkpoint import training as train_checkpoint
-from pesc_megatron.checkpoint.format import TOKENIZER, TRAIN_META, read_info
+from pesc_megatron.checkpoint import base as pesc_checkpoint, training as train_checkpoint
+from pesc_megatron.checkpoint.format import TOKENIZER, TRAIN_META, base_paths, find_base, read_info
 from pesc_megatron.data import load_tokenizer
 from pesc_megatron.model.config import LoRAConfig
 from pesc_megatron.model.fp8 import describe_frozen
@@ -50,8 +49,16 @@ DATA_STREAM_KEYS = (("data", "train"), ("data", "seq_length"), ("data", "packing
 
 
 def check_resumable(latest: Path, state: dict, job: JobConfig, info) -> None:
-    if Path(state["base"]) != info.base.resolve():
-        raise ConfigError(f"{latest}: was trained from base {state['base']}, but "
+    """The job continues the run in `latest`: same base, LoRA shape and data stream. A base
+    no longer where the run recorded it (moved) is the job's model.checkpoint."""
+    try:
+        recorded = find_base(latest, state).resolve()
+    except ConfigError:
+        say(f"{latest}: its recorded base ({state['base']}) is missing: resuming on "
+            f"model.checkpoint's base {info.base}")
+        recorded = info.base.resolve()
+    if recorded != info.base.resolve():
+        raise ConfigError(f"{latest}: was trained from base {recorded}, but "
                           f"model.checkpoint is {info.base.resolve()}")
     saved = state["config"]["resolved"]
     saved_lora = from_dict(LoRAConfig, saved.get("lora") or {})
@@ -113,7 +120,7 @@ def run(job: JobConfig, config_source: dict) -> dict:
     if resumed is not None:
         check_resumable(latest, resumed, job, info)
     # On resume the routers and adapters come from our own checkpoint: build from the base.
-    source = resumed["base"] if resumed else job.model.checkpoint
+    source = info.base if resumed else job.model.checkpoint
     model, info = pesc_checkpoint.load(source, job.parallel, job.model.dtype,
                                        pesc_overrides=job.pesc, lora=job.lora,
                                        precision=job.precision,
@@ -157,7 +164,7 @@ def run(job: JobConfig, config_source: dict) -> dict:
                                  f"optimizer state hold non-finite values; the newest "
                                  f"checkpoint in {checkpoints} is the last finite one")
         train_checkpoint.save(checkpoints, step, model, optimizer, dict(
-            base=str(info.base.resolve()),
+            **base_paths(checkpoints / train_checkpoint.iter_name(step), info.base),
             init_from=(resumed or {}).get("init_from") or (
                 str(info.trained.resolve()) if info.trained else None),
             scheduler=scheduler.state_dict(), consumed_samples=step * gbs,

@@ -103,7 +103,7 @@ def make_job(root: Path, train_records: int, **sections) -> tuple[Path, Path]:
 
 
 # Running it as users do: torchrun (gloo, CPU), from the repository root.
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 

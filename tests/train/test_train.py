@@ -67,7 +67,7 @@ def test_kill_during_checkpoint_write_keeps_previous(job, reference):
     with open(log, "w") as f:
         rc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-             str(ROOT / "tests" / "parallel" / "kill_in_save.py"), str(config),
+             str(ROOT / "tests" / "helpers" / "kill_in_save.py"), str(config),
              f"train.out_dir={out}"], env=ENV, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
             timeout=600).returncode
     # The killed rank's checkpoint-writer processes outlive it, as they would in a real crash.
@@ -134,7 +134,10 @@ def test_training_checkpoint_is_small_and_points_to_base(job, reference):
     root, ckpt, _ = job
     trained = reference / "checkpoints" / "iter_0000008"
     state = json.loads((trained / "train_state.json").read_text())
-    assert state["base"] == str(ckpt.resolve()) and state["iteration"] == 8
+    # the base, relative to the run folder (a run moved with its base resumes) and absolute
+    assert (reference / state["base"]).resolve() == ckpt.resolve()
+    assert state["base_absolute"] == str(ckpt.resolve()) and state["iteration"] == 8
+    assert (reference / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "8\n"
     assert state["consumed_samples"] == 64
     stored = {k: v.global_shape for k, v in load_tensors_metadata(
         str(trained / "weights")).items()}
