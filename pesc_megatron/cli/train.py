@@ -21,6 +21,7 @@ from pesc_megatron.parallel.config import validate_layout
 from pesc_megatron.parallel.distributed import destroy, initialize, say
 from pesc_megatron.schema import ConfigError
 from pesc_megatron.train.config import check_batch_layout, load_job
+from pesc_megatron.train.preemption import EXIT_PREEMPTED, Preempted
 from pesc_megatron.train.trainer import NonFiniteError, run
 
 # `pesc train` stopped by train.max_skipped_steps consecutive non-finite steps.
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:  # every rank stops here together; rank 0 says why
         say(f"pesc train: error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except Preempted as e:
+        say(f"pesc train: {e}")
+        return EXIT_PREEMPTED
     finally:
         destroy()
     return 0

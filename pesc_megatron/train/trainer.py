@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from pesc_megatron.train.evaluate import evaluate
 from pesc_megatron.train.logger import Logger
 from pesc_megatron.train.metrics import pop_expert_load, pop_router_losses
 from pesc_megatron.train.optim import build_optimizer, build_scheduler
+from pesc_megatron.train.preemption import Preempted, PreemptionWatch
 from pesc_megatron.train.profile import profiled
 from pesc_megatron.train.step import state_is_finite, train_step, wrap_ddp
 
@@ -184,66 +186,78 @@ def run(job: JobConfig, config_source: dict) -> dict:
     acc = new_interval()
     row, begun, run_steps, skipped_in_row = {}, time.perf_counter(), 0, 0
     faults = fault_steps()
-    for step in range(start + 1, iters + 1):
-        t0 = time.perf_counter()
-        set_seed(step_seed(job.train.seed, step))
-        indices = batches.indices(step - 1)
-        micro_batches = rank_micro_batches(train_ds, indices, mbs)
-        with profiled(out_dir, step, step == job.train.profile_step):
-            lm, grad_norm, skipped = train_step(
-                ddp, optimizer, micro_batches, num_mb, seq, mbs,
-                per_token=job.train.per_token_loss, poison=step in faults and is_rank0())
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-        if skipped:
-            skipped_in_row += 1
-            acc["skipped"] += 1
-            say(f"step {step}: non-finite loss or gradients (lm loss {lm}): skipped, no update "
-                f"({skipped_in_row} in a row; train.max_skipped_steps="
-                f"{job.train.max_skipped_steps})")
-            if skipped_in_row >= job.train.max_skipped_steps:
-                raise NonFiniteError(
-                    f"train.max_skipped_steps={job.train.max_skipped_steps}: steps "
-                    f"{step - skipped_in_row + 1}-{step} all had non-finite losses or "
-                    f"gradients; stopping (the newest checkpoint in {checkpoints} holds finite "
-                    "weights: lower optim.lr or check the data)")
-        else:
-            skipped_in_row = 0
-            scheduler.step(1)
-            acc["lm"] += lm
-            acc["grad"] += grad_norm
-            acc["updates"] += 1
-        acc["tokens"] += sum(train_ds.sample_boundaries(i)[-1] for i in indices)
-        acc["time"] += time.perf_counter() - t0
-        acc["steps"] += 1
-        run_steps += 1
-        if step % job.train.log_interval == 0 or step == iters:
-            n, updates = acc["steps"], max(acc["updates"], 1)
-            router = pop_router_losses(num_mb * n)
-            load = pop_expert_load(model, num_layers)
-            aux = sum(coeffs[k] * v.sum().item() for k, v in router.items() if coeffs.get(k))
-            # the losses and norms of the steps that updated (all NaN: every step skipped)
-            lm_mean = acc["lm"] / updates if acc["updates"] else float("nan")
-            row = dict(step=step, loss=lm_mean + aux, lm_loss=lm_mean,
-                       aux_loss=aux, lr=lr, grad_norm=acc["grad"] / updates if acc["updates"]
-                       else float("nan"), tokens_per_s=acc["tokens"] / acc["time"],
-                       step_time_s=acc["time"] / n,
-                       expert_imbalance=load_imbalance(load).mean().item(),
-                       skipped_steps=acc["skipped"])
-            if "load_balancing_loss" in router:  # E * sum f_i P_i, 1.0 = balanced
-                row["balance"] = router["load_balancing_loss"].mean().item()
-            logger.write(row, load)
-            eta = (time.perf_counter() - begun) / run_steps * (iters - step)
-            say(f"step {step}/{iters} | loss {row['loss']:.4f} (lm {row['lm_loss']:.4f}, aux "
-                f"{aux:.4f}) | lr {row['lr']:.2e} | grad {row['grad_norm']:.3f} | "
-                f"{row['tokens_per_s']:.0f} tok/s | {row['step_time_s']:.2f} s/step | "
-                f"imbalance {row['expert_imbalance']:.2f} | ETA {_duration(eta)}"
-                + (f" | skipped {acc['skipped']}" if acc["skipped"] else ""))
-            acc = new_interval()
-        eval_every = job.train.eval_interval
-        if valid_ds is not None and eval_every and step % eval_every == 0 and step != iters:
-            validate(step)
-        if job.train.save_interval and step % job.train.save_interval == 0 and step != iters:
-            save(step)
+    watch = PreemptionWatch()
+    try:
+        for step in range(start + 1, iters + 1):
+            t0 = time.perf_counter()
+            set_seed(step_seed(job.train.seed, step))
+            indices = batches.indices(step - 1)
+            micro_batches = rank_micro_batches(train_ds, indices, mbs)
+            with profiled(out_dir, step, step == job.train.profile_step):
+                lm, grad_norm, skipped = train_step(
+                    ddp, optimizer, micro_batches, num_mb, seq, mbs,
+                    per_token=job.train.per_token_loss, poison=step in faults and is_rank0())
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+            if skipped:
+                skipped_in_row += 1
+                acc["skipped"] += 1
+                say(f"step {step}: non-finite loss or gradients (lm loss {lm}): skipped, no update "
+                    f"({skipped_in_row} in a row; train.max_skipped_steps="
+                    f"{job.train.max_skipped_steps})")
+                if skipped_in_row >= job.train.max_skipped_steps:
+                    raise NonFiniteError(
+                        f"train.max_skipped_steps={job.train.max_skipped_steps}: steps "
+                        f"{step - skipped_in_row + 1}-{step} all had non-finite losses or "
+                        f"gradients; stopping (the newest checkpoint in {checkpoints} holds finite "
+                        "weights: lower optim.lr or check the data)")
+            else:
+                skipped_in_row = 0
+                scheduler.step(1)
+                acc["lm"] += lm
+                acc["grad"] += grad_norm
+                acc["updates"] += 1
+            acc["tokens"] += sum(train_ds.sample_boundaries(i)[-1] for i in indices)
+            acc["time"] += time.perf_counter() - t0
+            acc["steps"] += 1
+            run_steps += 1
+            if step % job.train.log_interval == 0 or step == iters:
+                n, updates = acc["steps"], max(acc["updates"], 1)
+                router = pop_router_losses(num_mb * n)
+                load = pop_expert_load(model, num_layers)
+                aux = sum(coeffs[k] * v.sum().item() for k, v in router.items() if coeffs.get(k))
+                # the losses and norms of the steps that updated (all NaN: every step skipped)
+                lm_mean = acc["lm"] / updates if acc["updates"] else float("nan")
+                row = dict(step=step, loss=lm_mean + aux, lm_loss=lm_mean,
+                           aux_loss=aux, lr=lr, grad_norm=acc["grad"] / updates if acc["updates"]
+                           else float("nan"), tokens_per_s=acc["tokens"] / acc["time"],
+                           step_time_s=acc["time"] / n,
+                           expert_imbalance=load_imbalance(load).mean().item(),
+                           skipped_steps=acc["skipped"])
+                if "load_balancing_loss" in router:  # E * sum f_i P_i, 1.0 = balanced
+                    row["balance"] = router["load_balancing_loss"].mean().item()
+                logger.write(row, load)
+                eta = (time.perf_counter() - begun) / run_steps * (iters - step)
+                say(f"step {step}/{iters} | loss {row['loss']:.4f} (lm {row['lm_loss']:.4f}, aux "
+                    f"{aux:.4f}) | lr {row['lr']:.2e} | grad {row['grad_norm']:.3f} | "
+                    f"{row['tokens_per_s']:.0f} tok/s | {row['step_time_s']:.2f} s/step | "
+                    f"imbalance {row['expert_imbalance']:.2f} | ETA {_duration(eta)}"
+                    + (f" | skipped {acc['skipped']}" if acc["skipped"] else ""))
+                acc = new_interval()
+            eval_every = job.train.eval_interval
+            if valid_ds is not None and eval_every and step % eval_every == 0 and step != iters:
+                validate(step)
+            saved = job.train.save_interval and step % job.train.save_interval == 0
+            if saved and step != iters:
+                save(step)
+            signum = watch.agreed()
+            if signum and step != iters:
+                if not saved:
+                    save(step)
+                raise Preempted(f"preempted by {signal.Signals(signum).name} at step {step} of "
+                                f"{iters}: saved {checkpoints / train_checkpoint.iter_name(step)}; "
+                                "rerun the same command to resume")
+    finally:
+        watch.restore()
     if start < iters:
         if valid_ds is not None:
             row = dict(row, valid_loss=validate(iters))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import torch
 
 WORDS = ("cat dog sun moon red blue one two three four five six seven eight nine ten add "
@@ -137,3 +138,16 @@ def evaluate(nproc: int, ckpt: Path, data: Path, *flags: str) -> dict:
 def history(out_dir: Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if "lm_loss" in r}
+
+
+def job_processes(tag: str) -> list:
+    """Live processes started with PESC_TEST_TAG=tag in their environment (torchrun, its
+    ranks, their helper processes): what a job left behind."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("PESC_TEST_TAG") == tag:
+                found.append(p)
+        except (psutil.Error, OSError):
+            pass
+    return found

@@ -5,14 +5,13 @@ checkpoint on disk holds only finite values, and the run resumes from the newest
 import math
 import uuid
 
-import psutil
 import pytest
 import torch
 from megatron.core.dist_checkpointing import load_plain_tensors
 
 from pesc_megatron.train.trainer import FAULT_STEPS_ENV
 from tests.helpers import tiny
-from tests.helpers.tiny import history, train
+from tests.helpers.tiny import history, job_processes, train
 
 # Every test here starts processes (torchrun).
 pytestmark = pytest.mark.multiprocess
@@ -38,18 +37,6 @@ def assert_all_finite(checkpoints) -> list:
             if torch.is_tensor(t) and t.is_floating_point():
                 assert torch.isfinite(t).all(), (folder.name, key)
     return [f.name for f in folders]
-
-
-def job_processes(tag: str) -> list:
-    """Live processes started with PESC_TEST_TAG=tag (torchrun, its ranks, their helpers)."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("PESC_TEST_TAG") == tag:
-                found.append(p)
-        except (psutil.Error, OSError):
-            pass
-    return found
 
 
 def test_a_non_finite_step_is_skipped_and_reported(job):
