@@ -8,7 +8,12 @@ import typing
 from typing import Any
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """An error a user can cause (a setting, a file, a record): its message is one line, and the
+    CLI prints it and exits with code 2."""
+
+
+class ConfigError(UserError):
     """A user-caused configuration error; its message is one line naming the key and value."""
 
 

@@ -8,8 +8,8 @@ import os
 import sys
 import warnings
 
-from pesc_megatron.data.formats import DataError
-from pesc_megatron.schema import ConfigError
+from pesc_megatron.schema import UserError
+from pesc_megatron.train import preemption
 
 COMMANDS = {
     "convert": ("pesc_megatron.cli.convert", "Hugging Face <-> PESC checkpoints"),
@@ -59,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         if not rest or rest[0] not in BENCHES:
             parser.error(f"bench needs one of: {', '.join(BENCHES)}")
         module, rest = BENCHES[rest[0]], rest[1:]
+    if ns.command == "train":  # before its imports, which take seconds (train/preemption.py)
+        preemption.record_signals()
     try:
         return __import__(module, fromlist=["main"]).main(rest)
-    except (ConfigError, DataError) as e:
+    except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says why
             print(f"pesc {ns.command}: error: {e}", file=sys.stderr)
         return 2

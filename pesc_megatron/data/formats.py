@@ -33,12 +33,13 @@ from typing import Any, Optional
 import torch
 
 from pesc_megatron.data.tokenizer import ROLES, ChatTemplateError, Tokenizer
+from pesc_megatron.schema import UserError
 
 FORMAT_VERSION = 1  # part of the token cache key: bump when any rule here changes
 FORMATS = ("chat", "camelidae", "alpaca", "text")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A bad data file or record. `kind` groups reasons for skip counts; str() is one line."""
 
     def __init__(self, where: str, reason: str, kind: str = "malformed record"):

@@ -75,6 +75,13 @@ def say(*args, file=None) -> None:
         print(*args, file=file, flush=True)
 
 
+def max_over_ranks(value: float) -> float:
+    """The largest `value` of all ranks, on every rank (one all-reduce): to agree on a flag."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def free_port() -> int:
     """A TCP port free on this host now, for a local rendezvous (MASTER_PORT)."""
     with socket.socket() as s:

@@ -16,7 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from pesc_megatron.model.attention import block_causal_mask, uses_thd
-from pesc_megatron.parallel.distributed import device
+from pesc_megatron.parallel.distributed import device, max_over_ranks
 
 
 def wrap_ddp(model: torch.nn.Module,
@@ -174,9 +174,7 @@ def all_finite(ddp, stats: dict | None) -> bool:
               if p.requires_grad)
     if stats is not None:
         bad = bad or not torch.isfinite(stats["loss_sum"]).all()
-    flag = torch.tensor([float(bad)], device=device())
-    dist.all_reduce(flag)
-    return flag.item() == 0
+    return max_over_ranks(bad) == 0
 
 
 def state_is_finite(model, optimizer) -> bool:
@@ -189,9 +187,7 @@ def state_is_finite(model, optimizer) -> bool:
         tensors += [v for state in inner.state.values() for v in state.values()
                     if torch.is_tensor(v)]
     bad = any(not torch.isfinite(t).all() for t in tensors if t.is_floating_point())
-    flag = torch.tensor([float(bad)], device=device())
-    dist.all_reduce(flag)
-    return flag.item() == 0
+    return max_over_ranks(bad) == 0
 
 
 def train_step(ddp, optimizer, micro_batches: list[dict], num_microbatches: int,

@@ -25,15 +25,16 @@ from pesc_megatron.data import load_tokenizer
 from pesc_megatron.model.config import LoRAConfig
 from pesc_megatron.model.fp8 import describe_frozen
 from pesc_megatron.model.size import count_parameters
-from pesc_megatron.parallel.distributed import is_rank0, say, set_seed
+from pesc_megatron.parallel.distributed import is_rank0, max_over_ranks, say, set_seed
 from pesc_megatron.schema import ConfigError, from_dict
+from pesc_megatron.train import preemption
 from pesc_megatron.train.batches import GlobalBatches, build_data, rank_micro_batches
 from pesc_megatron.train.config import JobConfig, check_batch_layout
 from pesc_megatron.train.evaluate import evaluate
 from pesc_megatron.train.logger import Logger
 from pesc_megatron.train.metrics import pop_expert_load, pop_router_losses
 from pesc_megatron.train.optim import build_optimizer, build_scheduler
-from pesc_megatron.train.preemption import Preempted, PreemptionWatch
+from pesc_megatron.train.preemption import Preempted
 from pesc_megatron.train.profile import profiled
 from pesc_megatron.train.step import state_is_finite, train_step, wrap_ddp
 
@@ -186,7 +187,7 @@ def run(job: JobConfig, config_source: dict) -> dict:
     acc = new_interval()
     row, begun, run_steps, skipped_in_row = {}, time.perf_counter(), 0, 0
     faults = fault_steps()
-    watch = PreemptionWatch()
+    preemption.record_signals()  # (already, under the CLI)
     try:
         for step in range(start + 1, iters + 1):
             t0 = time.perf_counter()
@@ -249,7 +250,7 @@ def run(job: JobConfig, config_source: dict) -> dict:
             saved = job.train.save_interval and step % job.train.save_interval == 0
             if saved and step != iters:
                 save(step)
-            signum = watch.agreed()
+            signum = int(max_over_ranks(preemption.received()))
             if signum and step != iters:
                 if not saved:
                     save(step)
@@ -257,7 +258,7 @@ def run(job: JobConfig, config_source: dict) -> dict:
                                 f"{iters}: saved {checkpoints / train_checkpoint.iter_name(step)}; "
                                 "rerun the same command to resume")
     finally:
-        watch.restore()
+        preemption.restore()
     if start < iters:
         if valid_ds is not None:
             row = dict(row, valid_loss=validate(iters))
