@@ -1,5 +1,6 @@
-"""Atomic writes: a file or a folder is replaced whole or not at all, so a reader, a crash or a
-full disk never leaves a half-written one."""
+"""Atomic writes: a file or a folder is replaced whole or not at all, so a reader, a crash, a
+power cut or a full disk never leaves a half-written one (written, fsynced, then renamed; the
+directory fsynced after the rename)."""
 from __future__ import annotations
 
 import contextlib
@@ -19,9 +20,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync(path: Path) -> None:
+    """Flushes a file's or a directory's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -37,11 +49,16 @@ def new_partial(out: Path) -> Path:
 
 def publish(partial: Path, out: Path) -> None:
     """Moves the finished folder `partial` to `out`, replacing an old `out` only at the end."""
+    for folder, _, files in os.walk(partial):  # (dist_checkpointing fsyncs its own files)
+        for name in files:
+            fsync(Path(folder) / name)
+        fsync(Path(folder))
     old = out.with_name(f".{out.name}.old")
     shutil.rmtree(old, ignore_errors=True)  # left by an earlier interrupted replacement
     if out.exists():
         os.replace(out, old)
     os.replace(partial, out)
+    fsync(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

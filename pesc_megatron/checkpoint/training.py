@@ -65,17 +65,17 @@ def _sharded_state(model, optimizer, is_loading: bool = False) -> dict:
 
 
 def save(checkpoints: Path, iteration: int, model, optimizer, train_state: dict,
-         keep_last: int) -> Path:
-    """Called on every rank. `train_state` (JSON-able) is written by rank 0."""
+         keep_last: int, async_queue=None) -> Path:
+    """Called on every rank. `train_state` (JSON-able) is written by rank 0. With
+    `async_queue` the save completes (and `latest` moves) when the queue finalizes it."""
     rank0 = dist.get_rank() == 0
     target = checkpoints / iter_name(iteration)
     if rank0:
         for stale in checkpoints.glob(".iter_*.partial-*"):  # left by a crash mid-write
             shutil.rmtree(stale, ignore_errors=True)
     state = dict(format=TRAIN_FORMAT, iteration=iteration, **train_state)
-    save_sharded(target, _sharded_state(model, optimizer), lambda folder: (
-        folder / TRAIN_META).write_text(json.dumps(state, indent=2) + "\n"))
-    if rank0:
+
+    def point_to_it() -> None:  # rank 0, once the folder is complete
         atomic.write_text(checkpoints / LATEST, target.name + "\n")
         atomic.write_text(checkpoints / MEGATRON_TRACKER, f"{iteration}\n")
         # Keep the newest keep_last up to this one; never touch later (abandoned) ones.
@@ -83,7 +83,10 @@ def save(checkpoints: Path, iteration: int, model, optimizer, train_state: dict,
                          if _iteration(p) is not None and _iteration(p) <= iteration)
         for old in earlier[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()  # `latest` is written before any rank goes on
+
+    save_sharded(target, _sharded_state(model, optimizer), lambda folder: (
+        folder / TRAIN_META).write_text(json.dumps(state, indent=2) + "\n"), point_to_it,
+        async_queue)
     return target
 
 

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import multiprocessing
 import weakref
 from dataclasses import dataclass
+from multiprocessing.managers import SyncManager
 from typing import Any, Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from pesc_megatron.parallel.lifetime import die_with_parent
 
 # megatron-core minor releases the patches are written for (0.16 tested in CI; 0.17-0.19 are
 # what GPU clusters run, where the CPU backend is not used). Others are refused: the symbols
@@ -281,8 +285,30 @@ def _sort_chunks_unless_identity(original: Callable) -> Callable:
     return sort_chunks_by_idxs
 
 
+def _results_queue_dying_with_parent(original):
+    """dist_checkpointing's write-results queue lives in a spawned multiprocessing manager
+    process, made at a rank's first save, which outlives a rank that is killed: this one's
+    manager dies with its rank."""
+    module = importlib.import_module("megatron.core.dist_checkpointing.strategies."
+                                     "filesystem_async")
+
+    def get_write_results_queue():
+        if module._results_queue is None:
+            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager.start(initializer=die_with_parent)
+            module._results_queue = manager.Queue()
+        return module._results_queue
+
+    return get_write_results_queue
+
+
 # Needed everywhere (CPU or GPU, with or without Transformer Engine).
 EVERYWHERE_PATCHES: list[Patch] = [
+    Patch("megatron.core.dist_checkpointing.strategies.filesystem_async:"
+          "_get_write_results_queue",
+          "its manager process (one per rank, from the first save on) outlives a killed rank: "
+          "found running 47 minutes after a test suite; this one dies with the rank",
+          _results_queue_dying_with_parent),
     Patch("megatron.core.transformer.moe.token_dispatcher:sort_chunks_by_idxs",
           "the alltoall dispatcher sorts the tokens by local expert even with one EP x TP "
           "rank, where that order is the identity: a copy of every routed token and of its "

@@ -82,6 +82,9 @@ class TrainConfig:
     # consecutive steps with a non-finite loss or gradient (each skipped: no update) before the
     # run stops
     max_skipped_steps: int = 5
+    # checkpoints written by a background process (megatron-core's async dist_checkpointing)
+    # while training goes on; `latest` moves only once a save is complete on every rank
+    async_save: bool = False
 
 
 @dataclass

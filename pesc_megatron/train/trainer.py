@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from pesc_megatron.analysis.balance import load_imbalance
 from pesc_megatron.checkpoint import base as pesc_checkpoint, training as train_checkpoint
@@ -161,18 +162,27 @@ def run(job: JobConfig, config_source: dict) -> dict:
     num_layers = info.model.num_hidden_layers
     coeffs = {"load_balancing_loss": info.pesc.aux_loss_coeff, "z_loss": info.pesc.z_loss_coeff}
 
-    def save(step: int) -> None:
+    # train.async_save: megatron-core's queue of background saves (one at a time here)
+    saves = AsyncCallsQueue() if job.train.async_save else None
+
+    def save(step: int, last: bool = False) -> None:
+        """A checkpoint of `step`; in the background with train.async_save unless `last`
+        (the end of the run, or a preemption: the process exits next)."""
         if not state_is_finite(model, optimizer):  # never a checkpoint one cannot resume from
             raise NonFiniteError(f"not saving step {step}: the trainable weights or the "
                                  f"optimizer state hold non-finite values; the newest "
                                  f"checkpoint in {checkpoints} is the last finite one")
-        train_checkpoint.save(checkpoints, step, model, optimizer, dict(
+        if saves is not None:
+            saves.maybe_finalize_async_calls(blocking=True)  # the previous one completes first
+        background = saves is not None and not last
+        target = train_checkpoint.save(checkpoints, step, model, optimizer, dict(
             **base_paths(checkpoints / train_checkpoint.iter_name(step), info.base),
             init_from=(resumed or {}).get("init_from") or (
                 str(info.trained.resolve()) if info.trained else None),
             scheduler=scheduler.state_dict(), consumed_samples=step * gbs,
-            config=config_source), job.train.keep_last)
-        say(f"saved {checkpoints / train_checkpoint.iter_name(step)}")
+            config=config_source), job.train.keep_last, saves if background else None)
+        say(f"{'saving' if background else 'saved'} {target}"
+            + (" in the background" if background else ""))
 
     def validate(step: int) -> float:
         loss, tokens = evaluate(ddp, valid_ds, mbs)
@@ -186,6 +196,7 @@ def run(job: JobConfig, config_source: dict) -> dict:
     pop_router_losses(1), pop_expert_load(model, num_layers)  # drop counts from loading
     acc = new_interval()
     row, begun, run_steps, skipped_in_row = {}, time.perf_counter(), 0, 0
+    save_time = 0.0  # training time spent in saves since the last logged row
     faults = fault_steps()
     preemption.record_signals()  # (already, under the CLI)
     try:
@@ -233,7 +244,8 @@ def run(job: JobConfig, config_source: dict) -> dict:
                            else float("nan"), tokens_per_s=acc["tokens"] / acc["time"],
                            step_time_s=acc["time"] / n,
                            expert_imbalance=load_imbalance(load).mean().item(),
-                           skipped_steps=acc["skipped"])
+                           skipped_steps=acc["skipped"], save_time_s=save_time)
+                save_time = 0.0
                 if "load_balancing_loss" in router:  # E * sum f_i P_i, 1.0 = balanced
                     row["balance"] = router["load_balancing_loss"].mean().item()
                 logger.write(row, load)
@@ -249,11 +261,17 @@ def run(job: JobConfig, config_source: dict) -> dict:
                 validate(step)
             saved = job.train.save_interval and step % job.train.save_interval == 0
             if saved and step != iters:
+                t_save = time.perf_counter()
                 save(step)
+                save_time += time.perf_counter() - t_save
+            elif saves is not None:
+                saves.maybe_finalize_async_calls(blocking=False)  # moves `latest` when done
             signum = int(max_over_ranks(preemption.received()))
             if signum and step != iters:
                 if not saved:
-                    save(step)
+                    save(step, last=True)
+                elif saves is not None:
+                    saves.maybe_finalize_async_calls(blocking=True)
                 raise Preempted(f"preempted by {signal.Signals(signum).name} at step {step} of "
                                 f"{iters}: saved {checkpoints / train_checkpoint.iter_name(step)}; "
                                 "rerun the same command to resume")
@@ -262,7 +280,7 @@ def run(job: JobConfig, config_source: dict) -> dict:
     if start < iters:
         if valid_ds is not None:
             row = dict(row, valid_loss=validate(iters))
-        save(iters)
+        save(iters, last=True)
     else:
         say(f"nothing to do: {checkpoints} is already at step {start} of {iters}")
     logger.close()

@@ -271,3 +271,33 @@ def test_distributed_optimizer_steps_and_resumes_from_dist_checkpoint(single_ran
                 assert torch.equal(sa[k], sb[k]), k
         steps = [s["step"] for s in b.optimizer.state.values()]
         assert len({id(s) for s in steps}) == len(steps)  # one per param, not shared
+
+
+@pytest.mark.multiprocess
+def test_checkpoint_writer_manager_dies_with_its_rank(tmp_path):
+    """dist_checkpointing's write-results manager process (made at a rank's first save) is
+    SIGKILLed by the kernel when the rank dies, even when the rank is SIGKILLed."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = (
+        "import os, signal, psutil\n"
+        "from pesc_megatron.parallel import mcore_patches\n"
+        "mcore_patches.apply()\n"
+        "from megatron.core.dist_checkpointing.strategies import filesystem_async\n"
+        "filesystem_async._get_write_results_queue()\n"
+        "print(*[c.pid for c in psutil.Process().children()], flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    helpers = [int(pid) for pid in run.stdout.split()]
+    assert run.returncode == -9 and helpers, run.stderr[-2000:]
+    deadline = time.time() + 10
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+              for p in helpers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in helpers)

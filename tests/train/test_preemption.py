@@ -25,9 +25,9 @@ def job(tmp_path_factory):
     return root, config
 
 
-def start(config, out, tag):
+def start(config, out, tag, *overrides):
     proc = torchrun(2, "-m", "pesc_megatron.cli", "train", str(config), f"train.out_dir={out}",
-                    popen=True, env={"PESC_TEST_TAG": tag})
+                    *overrides, popen=True, env={"PESC_TEST_TAG": tag})
     deadline = time.time() + 300
     while not ((out / "metrics.jsonl").is_file() and 2 in history(out)):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
@@ -61,9 +61,14 @@ def test_sigterm_to_one_rank_saves_the_step_and_resumes_bit_exact(job):
 
 
 def test_a_sigkilled_rank_leaves_no_process_behind(job):
+    """Killed after a checkpoint: dist_checkpointing's helper processes exist by then."""
     root, config = job
     out, tag = root / "killed", uuid.uuid4().hex
-    proc, workers = start(config, out, tag)
+    proc, workers = start(config, out, tag, "train.save_interval=2")
+    latest, deadline = out / "checkpoints" / "latest", time.time() + 300
+    while not latest.is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
     workers[0].send_signal(signal.SIGKILL)
     proc.communicate(timeout=300)
     assert proc.returncode != 0
