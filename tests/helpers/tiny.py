@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -151,3 +153,26 @@ def job_processes(tag: str) -> list:
         except (psutil.Error, OSError):
             pass
     return found
+
+
+def ep2_job(root: Path, train_records: int, **train_section) -> Path:
+    """make_job's job at EP=2 with these `train` settings (each test passes its out_dir)."""
+    return make_job(root, train_records, parallel={"ep": 2},
+                    train=dict(train_section, out_dir=str(root / "unused")))[1]
+
+
+def wait_for(proc: subprocess.Popen, predicate, timeout: float = 300) -> None:
+    """Polls `predicate` while the job `proc` (torchrun, popen=True) runs."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILLs torchrun and every process it started (its workers run in sessions of their
+    own, so a signal to its group would miss them)."""
+    tree = psutil.Process(proc.pid)
+    for p in [*tree.children(recursive=True), tree]:
+        p.send_signal(signal.SIGKILL)
+    proc.wait()

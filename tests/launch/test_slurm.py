@@ -32,8 +32,7 @@ def wait_for(predicate, timeout: float, what: str, log=None):
 
 
 def test_time_limit_signal_checkpoint_requeue_and_bit_exact_resume(cluster, tmp_path):
-    _, config = tiny.make_job(tmp_path, 64, parallel={"ep": 2},
-                              train={"iters": ITERS, "out_dir": str(tmp_path / "unused")})
+    config = tiny.ep2_job(tmp_path, 64, iters=ITERS)
     reference, out, log = tmp_path / "reference", tmp_path / "slurm_run", tmp_path / "job.out"
     train(2, config, f"train.out_dir={reference}")
     submit = cluster.run(

@@ -2,12 +2,9 @@
 the same checkpoints and losses as synchronous saves while training goes on, and a kill while
 a background save is in flight leaves `latest` on the previous complete checkpoint, from
 which the rerun resumes."""
-import signal
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 import torch
 from megatron.core.dist_checkpointing import load_plain_tensors
@@ -22,10 +19,7 @@ pytestmark = pytest.mark.multiprocess
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, single_rank):
     root = tmp_path_factory.mktemp("async_save")
-    _, config = tiny.make_job(root, 48, parallel={"ep": 2},
-                              train={"iters": 8, "save_interval": 2, "keep_last": 10,
-                                     "out_dir": str(root / "unused")})
-    return root, config
+    return root, tiny.ep2_job(root, 48, iters=8, save_interval=2, keep_last=10)
 
 
 def test_background_saves_equal_synchronous_ones(job):
@@ -57,15 +51,8 @@ def test_kill_during_a_background_save_keeps_the_previous_checkpoint(job):
          str(ROOT / "tests" / "helpers" / "slow_async_save.py"), str(config),
          f"train.out_dir={out}", "train.async_save=true"], env=ENV, cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    while not (out / "metrics.jsonl").is_file() or 6 not in history(out):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
-    # step 4's save is still being written (its writer sleeps): kill the whole job
-    tree = psutil.Process(proc.pid)
-    for p in [*tree.children(recursive=True), tree]:
-        p.send_signal(signal.SIGKILL)
-    proc.wait()
+    tiny.wait_for(proc, lambda: (out / "metrics.jsonl").is_file() and 6 in history(out))
+    tiny.kill_tree(proc)  # step 4's save is still being written (its writer sleeps)
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "iter_0000002"
     assert not (checkpoints / "iter_0000004").exists()

@@ -20,10 +20,7 @@ pytestmark = pytest.mark.multiprocess
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, single_rank):
     root = tmp_path_factory.mktemp("nonfinite")
-    _, config = tiny.make_job(root, 48, parallel={"ep": 2},
-                              train={"iters": 6, "save_interval": 1, "keep_last": 10,
-                                     "out_dir": str(root / "unused")})
-    return root, config
+    return root, tiny.ep2_job(root, 48, iters=6, save_interval=1, keep_last=10)
 
 
 def tensors(folder) -> dict:

@@ -20,18 +20,13 @@ pytestmark = pytest.mark.multiprocess
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("preempt")
-    _, config = tiny.make_job(root, 64, parallel={"ep": 2},
-                              train={"iters": 8, "out_dir": str(root / "unused")})
-    return root, config
+    return root, tiny.ep2_job(root, 64, iters=8)
 
 
 def start(config, out, tag, *overrides):
     proc = torchrun(2, "-m", "pesc_megatron.cli", "train", str(config), f"train.out_dir={out}",
                     *overrides, popen=True, env={"PESC_TEST_TAG": tag})
-    deadline = time.time() + 300
-    while not ((out / "metrics.jsonl").is_file() and 2 in history(out)):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
+    tiny.wait_for(proc, lambda: (out / "metrics.jsonl").is_file() and 2 in history(out))
     workers = psutil.Process(proc.pid).children()
     assert len(workers) == 2
     return proc, workers
@@ -65,10 +60,7 @@ def test_a_sigkilled_rank_leaves_no_process_behind(job):
     root, config = job
     out, tag = root / "killed", uuid.uuid4().hex
     proc, workers = start(config, out, tag, "train.save_interval=2")
-    latest, deadline = out / "checkpoints" / "latest", time.time() + 300
-    while not latest.is_file():
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
+    tiny.wait_for(proc, (out / "checkpoints" / "latest").is_file)
     workers[0].send_signal(signal.SIGKILL)
     proc.communicate(timeout=300)
     assert proc.returncode != 0

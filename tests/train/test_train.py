@@ -3,10 +3,8 @@
 resume at another layout, eval parity across layouts, packing, and a two-"node" launch."""
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -41,15 +39,9 @@ def test_sigkill_between_checkpoints_resumes_bit_exact(job, reference):
     out = root / "killed"
     proc = torchrun(2, "-m", "pesc_megatron.cli", "train", str(config),
                     f"train.out_dir={out}", popen=True)
-    latest, deadline = out / "checkpoints" / "latest", time.time() + 300
-    while not (latest.is_file() and latest.read_text().strip() == "iter_0000004"):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.02)
-    # torchrun starts its workers in sessions of their own: kill the whole tree.
-    tree = psutil.Process(proc.pid)
-    for p in [*tree.children(recursive=True), tree]:
-        p.send_signal(signal.SIGKILL)
-    proc.wait()
+    latest = out / "checkpoints" / "latest"
+    tiny.wait_for(proc, lambda: latest.is_file() and latest.read_text().strip() == "iter_0000004")
+    tiny.kill_tree(proc)
     assert not (out / "checkpoints" / "iter_0000008").exists()
     run = train(2, config, f"train.out_dir={out}")
     assert "resumed from" in run.stdout and "at step 4" in run.stdout
