@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says why
             print(f"pesc {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        preemption.restore()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,17 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     return rc, err[-1] if err else ""
 
 
+@pytest.mark.parametrize("override,message", [
+    ("train.max_skipped_steps=0", "train.max_skipped_steps=0: must be >= 1"),
+    ("train.per_token_loss=sometimes", "train.per_token_loss: expected bool, got 'sometimes'"),
+    ("train.async_save=2", "train.async_save: expected bool, got 2"),
+])
+def test_the_trustworthy_training_keys_are_checked(setup, capsys, override, message):
+    """The keys of the loss, non-finite guard and background saves: one line, exit code 2."""
+    rc, line = run_cli(capsys, job_file(setup), override)
+    assert rc == 2 and line.endswith(message), line
+
+
 def test_cli_errors_before_any_work(setup, capsys, monkeypatch, tmp_path):
     config = job_file(setup)
     rc, line = run_cli(capsys, config, "train.bogus=1")
