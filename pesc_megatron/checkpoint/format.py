@@ -21,6 +21,7 @@ one, else the `base` the caller gives (a base moved elsewhere: `--base`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -52,10 +53,27 @@ def run_folder(trained: Path) -> Path:
     return trained.resolve().parent.parent
 
 
+def base_identity(base: Path) -> str:
+    """A digest of a base checkpoint's settings and source config (pesc.json, hf_config.json):
+    tells a run's base from another checkpoint at the same path (not its weights)."""
+    digest = hashlib.sha256()
+    for name in (META, HF_CONFIG):
+        if (base / name).is_file():
+            digest.update((base / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def base_paths(trained: Path, base: Path) -> dict:
     """How a training checkpoint in `trained` records its `base` (train_state.json)."""
     base = base.resolve()
-    return dict(base=os.path.relpath(base, run_folder(trained)), base_absolute=str(base))
+    return dict(base=os.path.relpath(base, run_folder(trained)), base_absolute=str(base),
+                base_identity=base_identity(base))
+
+
+def is_base_of(path: Path, state: dict) -> bool:
+    """Whether `path` is a base checkpoint, and the one `state` recorded (if it recorded it)."""
+    return (path / META).is_file() and state.get("base_identity", base_identity(path)) == \
+        base_identity(path)
 
 
 def find_base(trained: Path, state: dict, base: str | Path | None = None) -> Path:
@@ -66,12 +84,15 @@ def find_base(trained: Path, state: dict, base: str | Path | None = None) -> Pat
     else:
         recorded = Path(state["base"])
         candidates = [recorded] if recorded.is_absolute() else [
-            run_folder(trained) / recorded, Path(state.get("base_absolute", recorded))]
+            Path(os.path.normpath(run_folder(trained) / recorded)),
+            Path(state.get("base_absolute", recorded))]
     for path in candidates:
-        if (path / META).is_file():
+        if is_base_of(path, state):
             return path
     if base is not None:
-        raise ConfigError(f"--base {base}: not a base checkpoint (no {META})")
+        raise ConfigError(f"--base {base}: " + (
+            f"not a base checkpoint (no {META})" if not (Path(base) / META).is_file() else
+            f"not the base {trained} was trained from ({META} or {HF_CONFIG} differ)"))
     raise ConfigError(f"{trained}: its base checkpoint is missing: neither "
                       f"{' nor '.join(str(p) for p in dict.fromkeys(candidates))} exists (moved? "
                       "give its new place with --base, or model.checkpoint to resume)")

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-from pesc_megatron.parallel.lifetime import die_with_parent
+from pesc_megatron.parallel.lifetime import serve_for_parent
 
 # megatron-core minor releases the patches are written for (0.16 tested in CI; 0.17-0.19 are
 # what GPU clusters run, where the CPU backend is not used). Others are refused: the symbols
@@ -287,15 +287,16 @@ def _sort_chunks_unless_identity(original: Callable) -> Callable:
 
 def _results_queue_dying_with_parent(original):
     """dist_checkpointing's write-results queue lives in a spawned multiprocessing manager
-    process, made at a rank's first save, which outlives a rank that is killed: this one's
-    manager dies with its rank."""
+    process, made at a rank's first save, which outlives a rank that is killed and dies of a
+    scheduler's SIGTERM before the rank's preemption save: this one's manager dies with its
+    rank, and only then."""
     module = importlib.import_module("megatron.core.dist_checkpointing.strategies."
                                      "filesystem_async")
 
     def get_write_results_queue():
         if module._results_queue is None:
             manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-            manager.start(initializer=die_with_parent)
+            manager.start(initializer=serve_for_parent)
             module._results_queue = manager.Queue()
         return module._results_queue
 

@@ -21,7 +21,14 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 
 from pesc_megatron.analysis.balance import load_imbalance
 from pesc_megatron.checkpoint import base as pesc_checkpoint, training as train_checkpoint
-from pesc_megatron.checkpoint.format import TOKENIZER, TRAIN_META, base_paths, find_base, read_info
+from pesc_megatron.checkpoint.format import (
+    TOKENIZER,
+    TRAIN_META,
+    base_paths,
+    find_base,
+    is_base_of,
+    read_info,
+)
 from pesc_megatron.data import load_tokenizer
 from pesc_megatron.model.config import LoRAConfig
 from pesc_megatron.model.fp8 import describe_frozen
@@ -58,6 +65,9 @@ def check_resumable(latest: Path, state: dict, job: JobConfig, info) -> None:
     try:
         recorded = find_base(latest, state).resolve()
     except ConfigError:
+        if not is_base_of(info.base, state):
+            raise ConfigError(f"model.checkpoint: {info.base} is not the base {latest} was "
+                              "trained from (its pesc.json or hf_config.json differ)") from None
         say(f"{latest}: its recorded base ({state['base']}) is missing: resuming on "
             f"model.checkpoint's base {info.base}")
         recorded = info.base.resolve()
@@ -213,6 +223,8 @@ def run(job: JobConfig, config_source: dict) -> dict:
             if skipped:
                 skipped_in_row += 1
                 acc["skipped"] += 1
+                # its router losses and loads may be non-finite too: left out of the row
+                pop_router_losses(1), pop_expert_load(model, num_layers)
                 say(f"step {step}: non-finite loss or gradients (lm loss {lm}): skipped, no update "
                     f"({skipped_in_row} in a row; train.max_skipped_steps="
                     f"{job.train.max_skipped_steps})")
@@ -234,7 +246,7 @@ def run(job: JobConfig, config_source: dict) -> dict:
             run_steps += 1
             if step % job.train.log_interval == 0 or step == iters:
                 n, updates = acc["steps"], max(acc["updates"], 1)
-                router = pop_router_losses(num_mb * n)
+                router = pop_router_losses(num_mb * updates)
                 load = pop_expert_load(model, num_layers)
                 aux = sum(coeffs[k] * v.sum().item() for k, v in router.items() if coeffs.get(k))
                 # the losses and norms of the steps that updated (all NaN: every step skipped)
@@ -275,13 +287,13 @@ def run(job: JobConfig, config_source: dict) -> dict:
                 raise Preempted(f"preempted by {signal.Signals(signum).name} at step {step} of "
                                 f"{iters}: saved {checkpoints / train_checkpoint.iter_name(step)}; "
                                 "rerun the same command to resume")
-    finally:
+        if start < iters:
+            if valid_ds is not None:
+                row = dict(row, valid_loss=validate(iters))
+            save(iters, last=True)
+        else:
+            say(f"nothing to do: {checkpoints} is already at step {start} of {iters}")
+    finally:  # after the last save: a signal during it must not kill a rank mid-write
         preemption.restore()
-    if start < iters:
-        if valid_ds is not None:
-            row = dict(row, valid_loss=validate(iters))
-        save(iters, last=True)
-    else:
-        say(f"nothing to do: {checkpoints} is already at step {start} of {iters}")
     logger.close()
     return row

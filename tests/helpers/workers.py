@@ -216,7 +216,7 @@ def objective_worker(layout: dict, ckpt: str, items_path: str, weights_dir: str,
     mine = items[dp_rank * len(items) // dp:(dp_rank + 1) * len(items) // dp]
     batches = [collate(mine[j:j + mbs]) for j in range(0, len(mine), mbs)]
     seq = batches[0]["tokens"].shape[1]
-    lm, grad_norm = train_step(ddp, optimizer, batches, len(batches), seq, mbs,
+    lm, grad_norm, _ = train_step(ddp, optimizer, batches, len(batches), seq, mbs,
                                per_token=per_token)
     n_local = info.pesc.num_experts // par.ep
     weights = {}

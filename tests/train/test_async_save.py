@@ -16,16 +16,9 @@ from tests.helpers.tiny import ENV, ROOT, history, train
 pytestmark = pytest.mark.multiprocess
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory, single_rank):
-    root = tmp_path_factory.mktemp("async_save")
-    return root, tiny.ep2_job(root, 48, iters=8, save_interval=2, keep_last=10)
-
-
-def test_background_saves_equal_synchronous_ones(job):
-    root, config = job
-    sync, background = root / "sync", root / "background"
-    train(2, config, f"train.out_dir={sync}")
+def test_background_saves_equal_synchronous_ones(ep2_job, ep2_reference, single_rank):
+    root, config = ep2_job
+    sync, background = ep2_reference, root / "background"
     run = train(2, config, f"train.out_dir={background}", "train.async_save=true")
     assert "in the background" in run.stdout
     for step in (2, 4, 6, 8):
@@ -43,9 +36,9 @@ def test_background_saves_equal_synchronous_ones(job):
             assert got[s][key] == want[s][key], (s, key)
 
 
-def test_kill_during_a_background_save_keeps_the_previous_checkpoint(job):
-    root, config = job
-    out = root / "killed"
+def test_kill_during_a_background_save_keeps_the_previous_checkpoint(ep2_job):
+    root, config = ep2_job
+    out = root / "killed_in_background_save"
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
          str(ROOT / "tests" / "helpers" / "slow_async_save.py"), str(config),

@@ -10,17 +10,14 @@ import torch
 from megatron.core.dist_checkpointing import load_plain_tensors
 
 from pesc_megatron.train.trainer import FAULT_STEPS_ENV
-from tests.helpers import tiny
 from tests.helpers.tiny import history, job_processes, train
 
 # Every test here starts processes (torchrun).
 pytestmark = pytest.mark.multiprocess
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory, single_rank):
-    root = tmp_path_factory.mktemp("nonfinite")
-    return root, tiny.ep2_job(root, 48, iters=6, save_interval=1, keep_last=10)
+# The shared EP=2 job (tests/train/conftest.py), 6 steps with a checkpoint after each.
+STEPS = ("train.iters=6", "train.save_interval=1")
 
 
 def tensors(folder) -> dict:
@@ -36,10 +33,10 @@ def assert_all_finite(checkpoints) -> list:
     return [f.name for f in folders]
 
 
-def test_a_non_finite_step_is_skipped_and_reported(job):
-    root, config = job
+def test_a_non_finite_step_is_skipped_and_reported(ep2_job, single_rank):
+    root, config = ep2_job
     out = root / "one_fault"
-    run = train(2, config, f"train.out_dir={out}", env={FAULT_STEPS_ENV: "3"})
+    run = train(2, config, f"train.out_dir={out}", *STEPS, env={FAULT_STEPS_ENV: "3"})
     assert "step 3: non-finite loss or gradients" in run.stdout
     rows = history(out)
     assert sorted(rows) == list(range(1, 7))
@@ -58,10 +55,10 @@ def test_a_non_finite_step_is_skipped_and_reported(job):
     assert rows[4]["lr"] == rows[3]["lr"]
 
 
-def test_repeated_non_finite_steps_stop_the_run_which_then_resumes(job):
-    root, config = job
+def test_repeated_non_finite_steps_stop_the_run_which_then_resumes(ep2_job, single_rank):
+    root, config = ep2_job
     out, tag = root / "stopped", uuid.uuid4().hex
-    run = train(2, config, f"train.out_dir={out}", "train.max_skipped_steps=2",
+    run = train(2, config, f"train.out_dir={out}", *STEPS, "train.max_skipped_steps=2",
                 env={FAULT_STEPS_ENV: "3,4,5", "PESC_TEST_TAG": tag}, check=False)
     assert run.returncode != 0
     assert "pesc train: error: train.max_skipped_steps=2: steps 3-4 all had non-finite" \
@@ -69,7 +66,7 @@ def test_repeated_non_finite_steps_stop_the_run_which_then_resumes(job):
     assert not job_processes(tag)  # the failed run left no process behind
     checkpoints = out / "checkpoints"
     assert assert_all_finite(checkpoints) == ["iter_0000001", "iter_0000002", "iter_0000003"]
-    resumed = train(2, config, f"train.out_dir={out}")
+    resumed = train(2, config, f"train.out_dir={out}", *STEPS)
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     rows = history(out)
     assert sorted(rows) == list(range(1, 7)) and all(

@@ -1,6 +1,6 @@
 """A run folder and its base moved together resume and export; a base moved elsewhere works
 with the override (`model.checkpoint` to resume, `--base` for eval and export) and without it
-gives one line naming the missing paths."""
+gives one line naming the missing paths (the refusals in detail: tests/checkpoint)."""
 import json
 import shutil
 import subprocess
@@ -59,10 +59,6 @@ def test_a_base_moved_alone_needs_the_override(run):
         line = failed.stderr.strip().splitlines()[-1]
         assert "its base checkpoint is missing" in line and str(new / "base") in line
         assert "--base" in line
-        wrong = pesc("convert", "pesc-to-hf", "--ckpt", new / "run", "--out", new / "export2",
-                     "--base", new / "nowhere")
-        assert wrong.returncode == 2 and wrong.stderr.strip().splitlines()[-1].endswith(
-            f"--base {new / 'nowhere'}: not a base checkpoint (no pesc.json)")
         exported = pesc("convert", "pesc-to-hf", "--ckpt", new / "run", "--out", new / "export2",
                         "--base", elsewhere)
         assert exported.returncode == 0, exported.stderr[-2000:]
