@@ -82,8 +82,9 @@ def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
                         initialize=initialize, lora=info.lora, precision=precision,
                         **build_options)
     # The base has no LoRA weights: they keep their init (B = 0) unless trained ones follow.
-    roles = sharded_roles(model)
-    base_state = {k: v for k, v in model.sharded_state_dict().items() if roles[k] != "lora"}
+    entries = model.sharded_state_dict()
+    roles = sharded_roles(model, entries)
+    base_state = {k: v for k, v in entries.items() if roles[k] != "lora"}
     state = dist_checkpointing.load(base_state, str(info.base / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
     params = dict(model.named_parameters())
@@ -96,7 +97,7 @@ def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
         model.load_state_dict(state["model"], strict=False)
     # The sharded state dicts reference every weight: drop them so that the FP8 conversion
     # frees each high-precision weight as it replaces it.
-    del base_state, state
+    del entries, base_state, state
     if precision is not None and precision.frozen_weights == "fp8":
         convert_to_fp8(model, info, parallel, precision)
     return model, info

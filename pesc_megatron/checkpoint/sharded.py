@@ -68,12 +68,12 @@ def _dying_with_parent(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def sharded_roles(model) -> dict[str, str | None]:
+def sharded_roles(model, entries: dict | None = None) -> dict[str, str | None]:
     """{key of `model.sharded_state_dict()`: the role of its parameter (router, adapter, lora;
     None: the frozen base)}, from the marks the builder set. An entry without a tensor (a
     module's extra state) takes the role of its module's weights."""
     roles = roles_by_storage(model)
-    entries = model.sharded_state_dict()
+    entries = model.sharded_state_dict() if entries is None else entries
     of_tensor = {k: role_of(v.data, roles) for k, v in entries.items()
                  if torch.is_tensor(getattr(v, "data", None))}
     of_module = {k.rsplit(".", 1)[0]: r for k, r in of_tensor.items() if r is not None}
@@ -84,7 +84,8 @@ def sharded_roles(model) -> dict[str, str | None]:
 def trainable_sharded_state_dict(model, with_lora: bool = True) -> dict:
     """The router, adapter and (`with_lora`) LoRA weights of `model.sharded_state_dict()`
     (what training changes; not their modules' extra state)."""
-    roles = sharded_roles(model)
-    return {k: v for k, v in model.sharded_state_dict().items()
+    entries = model.sharded_state_dict()
+    roles = sharded_roles(model, entries)
+    return {k: v for k, v in entries.items()
             if roles[k] is not None and torch.is_tensor(getattr(v, "data", None))
             and (with_lora or roles[k] != "lora")}

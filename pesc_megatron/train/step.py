@@ -170,11 +170,11 @@ def all_finite(ddp, stats: dict | None) -> bool:
     """Whether the loss and every gradient of this step are finite on every rank (all agree).
     The local gradient buffers are checked before any sharding, so a non-finite value anywhere
     is seen by all."""
-    bad = any(not torch.isfinite(p.main_grad).all() for p in ddp.parameters()
-              if p.requires_grad)
+    # one flag tensor, read once (a read per parameter would sync the GPU per parameter)
+    checks = [torch.isfinite(p.main_grad).all() for p in ddp.parameters() if p.requires_grad]
     if stats is not None:
-        bad = bad or not torch.isfinite(stats["loss_sum"]).all()
-    return max_over_ranks(bad) == 0
+        checks.append(torch.isfinite(stats["loss_sum"]).all())
+    return max_over_ranks(not torch.stack(checks).all().item() if checks else False) == 0
 
 
 def state_is_finite(model, optimizer) -> bool:
