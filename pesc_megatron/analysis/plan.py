@@ -3,10 +3,11 @@ settings alone, and a suggested layout that fits.
 
 Per GPU (the pipeline stage that needs the most), as megatron-core allocates it:
 - the frozen base (embeddings, attention, shared SwiGLU FFN, norms, output layer unless tied),
-  split by TP and, by layers, by PP; with --fp8-base every frozen weight matrix takes 1 byte
-  plus an fp32 scale per row, as `precision.frozen_weights: fp8` stores it by default (with
-  the output layer's 32 high-precision columns; `tests/parallel/test_plan.py` checks it
-  against the converted model);
+  split by TP and, by layers, by PP; with --frozen-weights fp8 every frozen weight matrix
+  takes 1 byte plus an fp32 scale per row, with nf4 half a byte plus NF4's scales (see
+  `nf4_bytes`), as `precision.frozen_weights` stores them by default (with the output layer's
+  32 high-precision columns; `tests/analysis/test_plan_layouts.py` checks both against the
+  converted model);
 - trainable routers (fp32, replicated), adapters (split by EP and ETP) and LoRA (A or B split
   by TP like the base, the other replicated), their fp32 gradient buffer and the optimizer
   state (fp32 master copy of bf16 weights + Adam m and v), which the distributed optimizer
@@ -29,6 +30,7 @@ from pesc_megatron.model.config import (
     lora_column_parallel,
     lora_shapes,
 )
+from pesc_megatron.model.nf4 import BLOCK_SIZE, scaler_block_size
 from pesc_megatron.model.precision import PrecisionConfig
 from pesc_megatron.parallel.config import (
     ParallelConfig,
@@ -79,7 +81,7 @@ class Job:
     seq: int = 4096
     micro_batch: int = 1
     dtype: str = "bf16"
-    fp8_base: bool = False
+    frozen_weights: str | None = None  # None: dtype; fp8 or nf4 (precision.frozen_weights)
     distributed_optimizer: bool = True
     recompute: str = "none"
     attention: str = "sdpa"  # sdpa (fused: no s^2 term) or local (megatron-core's unfused)
@@ -102,7 +104,9 @@ def frozen_bytes(job: Job, lay: Layout, stage: int) -> int:
     q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
 
     def matrix(rows: int, cols: int) -> int:  # FP8: 1 byte each + an fp32 scale per row
-        return rows * cols + 4 * rows if job.fp8_base else rows * cols * a
+        if job.frozen_weights == "nf4":
+            return nf4_bytes(rows * cols, a)
+        return rows * cols + 4 * rows if job.frozen_weights == "fp8" else rows * cols * a
 
     per_layer = (matrix((q + 2 * kv) // tp, h) + matrix(h, q // tp)  # qkv, proj
                  + matrix(2 * f // tp, h) + matrix(h, f // tp)  # fc1 (gate, up), fc2
@@ -113,9 +117,17 @@ def frozen_bytes(job: Job, lay: Layout, stage: int) -> int:
         total += table
     if stage == lay.pp - 1:
         total += h * a + (table if not m.tie_word_embeddings or lay.pp > 1 else 0)
-        if job.fp8_base:  # the FP8 output layer's columns kept in the model dtype (+ index)
-            total += PrecisionConfig().fp8_output_outliers * ((v // tp) * a + 8)
+        if job.frozen_weights:  # the output layer's columns kept in the model dtype (+ index)
+            total += PrecisionConfig().output_outliers * ((v // tp) * a + 8)
     return total
+
+
+def nf4_bytes(numel: int, dtype_bytes: int) -> int:
+    """An NF4 weight of `numel` values (model/nf4.py): 4 bits each, an int8 absmax per block
+    of 64, a scale per group of absmaxes, their mean and the 16 levels in the model dtype."""
+    blocks = numel // BLOCK_SIZE
+    return (numel // 2 + blocks + dtype_bytes * (blocks // scaler_block_size(numel))
+            + dtype_bytes * 17)
 
 
 def trainable_counts(job: Job, lay: Layout) -> dict[str, int]:

@@ -81,10 +81,11 @@ def sharded_roles(model, entries: dict | None = None) -> dict[str, str | None]:
             for k in entries}
 
 
-def trainable_sharded_state_dict(model, with_lora: bool = True) -> dict:
+def trainable_sharded_state_dict(model, with_lora: bool = True,
+                                 entries: dict | None = None) -> dict:
     """The router, adapter and (`with_lora`) LoRA weights of `model.sharded_state_dict()`
-    (what training changes; not their modules' extra state)."""
-    entries = model.sharded_state_dict()
+    (what training changes; not their modules' extra state), or of `entries`, built by it."""
+    entries = model.sharded_state_dict() if entries is None else entries
     roles = sharded_roles(model, entries)
     return {k: v for k, v in entries.items()
             if roles[k] is not None and torch.is_tensor(getattr(v, "data", None))

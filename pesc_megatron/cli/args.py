@@ -80,20 +80,21 @@ def lora_from_args(args, lora: LoRAConfig, default_rank: int | None = None) -> L
     return dataclasses.replace(lora, rank=rank, targets=lora.targets or list(LORA_TARGETS))
 
 
-PRECISION_FLAGS = ("frozen_weights", "fp8_matmul", "fp8_output_layer", "fp8_output_outliers")
+PRECISION_FLAGS = ("frozen_weights", "fp8_matmul", "quantize_output_layer", "output_outliers")
 
 
 def add_precision_args(ap) -> None:
-    """The frozen base's storage (torchao FP8 without Transformer Engine), as `precision.*`."""
+    """The frozen base's storage (torchao FP8 or NF4, without Transformer Engine), as
+    `precision.*`."""
     _add_fields(ap, PrecisionConfig, PRECISION_FLAGS,
                 {n: getattr(PrecisionConfig(), n) for n in PRECISION_FLAGS}, "precision", {
                     "frozen_weights": "storage of the frozen base (None: as --dtype); fp8: torchao "
-                    "e4m3",
+                    "e4m3; nf4: QLoRA's 4-bit NormalFloat",
                     "fp8_matmul": "with --frozen-weights fp8: scaled_mm (FP8 products) or "
                     "dequantize (high-precision products)",
-                    "fp8_output_layer": "with --frozen-weights fp8: the output layer (or tied "
-                    "embedding) too",
-                    "fp8_output_outliers": "with --fp8-output-layer: hidden columns of the "
+                    "quantize_output_layer": "with --frozen-weights fp8|nf4: the output layer "
+                    "(or tied embedding) too",
+                    "output_outliers": "with --quantize-output-layer: hidden columns of the "
                     "output layer kept in high precision"})
 
 

@@ -16,7 +16,7 @@ from pesc_megatron.checkpoint.format import TOKENIZER, read_info
 from pesc_megatron.cli.args import add_parallel_args, add_precision_args, precision_from_args
 from pesc_megatron.data import build_dataset, load_tokenizer
 from pesc_megatron.model.attention import resolve_attention
-from pesc_megatron.model.fp8 import describe_frozen
+from pesc_megatron.model.quantized import describe_frozen
 from pesc_megatron.model.precision import check_fp8_machine, validate_precision
 from pesc_megatron.parallel.config import ParallelConfig, splits_over_tp, validate_layout
 from pesc_megatron.parallel.distributed import destroy, initialize, say
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         validate_precision(precision, args.dtype)
     except ConfigError:  # the same check as precision.frozen_weights, in this command's flags
         ap.error(f"--frozen-weights {args.frozen_weights}: the base computes in --dtype "
-                 f"{args.dtype}; use {args.dtype} or fp8")
+                 f"{args.dtype}; use {args.dtype}, fp8 or nf4")
     check_fp8_machine(precision)
     resolve_attention(args.attention, "--attention")
     info = read_info(args.ckpt, args.base)

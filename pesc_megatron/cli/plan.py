@@ -26,6 +26,7 @@ from pesc_megatron.cli.args import (
     pesc_values,
 )
 from pesc_megatron.model.config import validate_lora
+from pesc_megatron.model.precision import LOW_PRECISION
 from pesc_megatron.schema import ConfigError
 
 
@@ -49,10 +50,10 @@ def _parse(argv):
                   "seven projections); 0: no LoRA. Default: the source's LoRA (job YAML, "
                   "training checkpoint), else 64 on all seven (the paper's recipe)")
     ap.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16")
-    ap.add_argument("--fp8-base", action="store_true",
-                    help="frozen weight matrices in FP8 (precision.frozen_weights: fp8): 1 byte "
-                    "each + an fp32 scale per row, the output layer's 32 high-precision columns; "
-                    "norms stay in --dtype")
+    ap.add_argument("--frozen-weights", choices=LOW_PRECISION,
+                    help="frozen weight matrices in fp8 (1 byte each + an fp32 scale per row) or "
+                    "nf4 (4.13 bits each), as precision.frozen_weights stores them, with the "
+                    "output layer's 32 high-precision columns; norms stay in --dtype")
     ap.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction,
                     default=True, help="shard optimizer state over data parallel (default on)")
     ap.add_argument("--recompute", choices=RECOMPUTE_LEVELS,
@@ -74,14 +75,14 @@ def _job(args) -> Job:
     if args.gpu_memory <= 0:
         raise ConfigError(f"--gpu-memory={args.gpu_memory}: must be > 0")
     return Job(model, pesc, lora, seq=args.seq, micro_batch=args.micro_batch, dtype=args.dtype,
-               fp8_base=args.fp8_base, distributed_optimizer=args.distributed_optimizer,
+               frozen_weights=args.frozen_weights, distributed_optimizer=args.distributed_optimizer,
                recompute=args.recompute or "none", attention=args.attention)
 
 
 def _table(job: Job, lay: Layout, recompute: str, memory: dict, gpu_bytes: float) -> list:
     in_flight = lay.pp - memory["stage"]
     sharded = f" /{lay.dp} (experts /{lay.expert_dp})" if job.distributed_optimizer else ""
-    rows = [(f"frozen base, {'FP8' if job.fp8_base else job.dtype}",
+    rows = [(f"frozen base, {(job.frozen_weights or job.dtype).upper()}",
              memory["frozen"]),
             ("routers, adapters, LoRA", memory["trainable"]),
             ("gradient buffer, fp32", memory["gradients"]),
@@ -122,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{p.num_experts} experts top-{p.topk} adapter {p.adapter_dim}, {lora}; {job.dtype}, "
           f"seq {job.seq} x micro-batch {job.micro_batch}; {args.nodes} node(s) x "
           f"{args.gpus_per_node} GPUs of {args.gpu_memory:g} GiB")
-    if job.fp8_base:
-        print("  --fp8-base: 1 byte per frozen weight + a scale per row and the output layer's "
-              "32 high-precision columns (the default precision.frozen_weights: fp8); its "
-              "activations are not measured by `pesc bench memory`")
+    if job.frozen_weights:
+        print(f"  --frozen-weights {job.frozen_weights}: the frozen weights as "
+              f"precision.frozen_weights: {job.frozen_weights} stores them by default, with the "
+              "output layer's 32 high-precision columns; its activations are not measured by "
+              "`pesc bench memory`")
     label = "layout" if fixed_layout else (
         "suggested layout" if with_headroom else "nothing fits; the smallest layout")
     print(f"{label}: TP {lay.tp}, PP {lay.pp}, EP {lay.ep}, ETP {lay.etp} -> DP {lay.dp}, "
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(dict(
         model=args.model, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         gpu_memory_gib=args.gpu_memory, seq=job.seq, micro_batch=job.micro_batch,
-        dtype=job.dtype, fp8_base=job.fp8_base, lora_rank=job.lora.rank if job.lora.enabled
+        dtype=job.dtype, frozen_weights=job.frozen_weights, lora_rank=job.lora.rank if job.lora.enabled
         else 0, num_experts=p.num_experts, topk=p.topk, adapter_dim=p.adapter_dim,
         distributed_optimizer=job.distributed_optimizer,
         layout=dict(tp=lay.tp, pp=lay.pp, ep=lay.ep, etp=lay.etp, dp=lay.dp,

@@ -7,7 +7,8 @@ from typing import ClassVar, Optional
 
 from pesc_megatron.schema import ConfigError, invalid
 
-FROZEN_WEIGHTS = ("fp32", "bf16", "fp8")
+FROZEN_WEIGHTS = ("fp32", "bf16", "fp8", "nf4")
+LOW_PRECISION = ("fp8", "nf4")  # stored in torchao tensors, computed in the model dtype
 FP8_MATMULS = ("auto", "dequantize", "scaled_mm")
 TE_FP8_RECIPES = ("delayed", "tensorwise", "blockwise")  # megatron-core's fp8_recipe names
 
@@ -18,11 +19,13 @@ class PrecisionConfig:
     model dtype (and routers fp32) whatever is chosen here."""
 
     SECTION: ClassVar[str] = "precision"
-    frozen_weights: Optional[str] = None  # None: model.dtype; fp8: torchao e4m3 (model/fp8.py)
+    # None: model.dtype; fp8: torchao e4m3 (model/fp8.py); nf4: QLoRA's 4 bits (model/nf4.py)
+    frozen_weights: Optional[str] = None
     fp8_matmul: str = "auto"  # frozen_weights=fp8: auto | dequantize | scaled_mm
-    fp8_output_layer: bool = True  # frozen_weights=fp8: the logits' weights (output layer, a
-    # tied embedding) too, with `fp8_output_outliers` of their hidden columns in high precision
-    fp8_output_outliers: int = 32
+    # frozen_weights=fp8|nf4: the logits' weights (output layer, a tied embedding) too, with
+    # `output_outliers` of their hidden columns in high precision (model/quantized.py)
+    quantize_output_layer: bool = True
+    output_outliers: int = 32
     fp8: Optional[str] = None  # Transformer Engine FP8 recipe (GPU with TE only)
     fp8_margin: int = 0  # TE: scale = max representable / (amax * 2^margin)
     fp8_amax_history_len: int = 1  # TE delayed scaling: amaxes kept per tensor
@@ -39,11 +42,12 @@ class PrecisionConfig:
         if self.fp8 is not None and self.fp8 not in TE_FP8_RECIPES:
             bad("fp8", f"must be one of {', '.join(TE_FP8_RECIPES)} (or null: no Transformer "
                 "Engine FP8)")
-        if self.fp8 is not None and self.frozen_weights == "fp8":
-            bad("fp8", "Transformer Engine FP8 and precision.frozen_weights=fp8 exclude each "
-                "other; choose one")
-        if self.fp8_output_outliers < 0:
-            bad("fp8_output_outliers", "must be >= 0 (0: the whole output layer in FP8)")
+        if self.fp8 is not None and self.frozen_weights in LOW_PRECISION:
+            bad("fp8", f"Transformer Engine FP8 and precision.frozen_weights="
+                f"{self.frozen_weights} exclude each other (TE's linears keep their own "
+                "weights); choose one")
+        if self.output_outliers < 0:
+            bad("output_outliers", "must be >= 0 (0: the whole output layer in low precision)")
         if self.fp8_margin < 0:
             bad("fp8_margin", "must be >= 0")
         if self.fp8_amax_history_len < 1:
@@ -52,10 +56,10 @@ class PrecisionConfig:
 
 def validate_precision(p: PrecisionConfig, dtype: str) -> None:
     """Checks the frozen weights' storage against the model dtype `dtype` (the base computes
-    in it, so only fp8 storage may differ)."""
+    in it, so only fp8 or nf4 storage may differ)."""
     if p.frozen_weights in ("fp32", "bf16") and p.frozen_weights != dtype:
         raise invalid(p.SECTION, p, "frozen_weights", f"the base computes in the model dtype "
-                      f"{dtype}; use {dtype} or fp8")
+                      f"{dtype}; use {dtype}, fp8 or nf4")
 
 
 def check_fp8_machine(p: PrecisionConfig) -> None:

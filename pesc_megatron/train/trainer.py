@@ -31,7 +31,7 @@ from pesc_megatron.checkpoint.format import (
 )
 from pesc_megatron.data import load_tokenizer
 from pesc_megatron.model.config import LoRAConfig
-from pesc_megatron.model.fp8 import describe_frozen
+from pesc_megatron.model.quantized import describe_frozen
 from pesc_megatron.model.size import count_parameters
 from pesc_megatron.parallel.distributed import is_rank0, max_over_ranks, say, set_seed
 from pesc_megatron.schema import ConfigError, from_dict

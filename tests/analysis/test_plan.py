@@ -116,12 +116,18 @@ def test_nothing_fits_is_a_verdict(capsys):
     assert not row["fits"] and not row["fits_with_headroom"]
 
 
-def test_fp8_base_and_options(capsys):
+def test_low_precision_bases_and_options(capsys):
     *_, bf16 = _plan(capsys, "--model", "llama2-7b", "--tp", "1", "--pp", "1", "--ep", "1")[:3]
     code, text, fp8, _ = _plan(capsys, "--model", "llama2-7b", "--tp", "1", "--pp", "1",
-                               "--ep", "1", "--fp8-base")
-    assert code == 0 and "projection" in text
+                               "--ep", "1", "--frozen-weights", "fp8")
+    assert code == 0 and "projection" in text and "frozen base, FP8" in text
     assert fp8["per_gpu_gib"]["frozen"] < 0.6 * bf16["per_gpu_gib"]["frozen"]
+    code, text, nf4, _ = _plan(capsys, "--model", "llama2-7b", "--tp", "1", "--pp", "1",
+                               "--ep", "1", "--frozen-weights", "nf4")
+    assert code == 0 and "frozen base, NF4" in text and nf4["frozen_weights"] == "nf4"
+    # 4.13 bits per weight; the norms stay bf16
+    assert 0.25 * bf16["per_gpu_gib"]["frozen"] < nf4["per_gpu_gib"]["frozen"] < \
+        0.27 * bf16["per_gpu_gib"]["frozen"]
     *_, no_lora = _plan(capsys, "--model", "llama2-7b", "--tp", "1", "--pp", "1", "--ep", "1",
                         "--lora-rank", "0")[:3]
     assert no_lora["lora_rank"] == 0

@@ -1,6 +1,6 @@
 """`pesc plan`'s bookkeeping against what megatron-core allocates on 4 gloo ranks: for each
 rank, the bytes of frozen and trainable parameters, of DDP's gradient buffers, of the
-optimizer state and of the frozen base converted to FP8 must equal the planner's formulas
+optimizer state and of the frozen base converted to FP8 and to NF4 must equal the planner's formulas
 exactly."""
 import pytest
 

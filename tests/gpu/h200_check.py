@@ -2,8 +2,8 @@
 CPU on a tiny model (packed sequences, GQA, the fused attention and grouped experts), the
 fused attention's varlen kernel against its per-sample SDPA path (bf16, error and time), the
 grouped-GEMM experts against megatron-core's loop (bf16, error and time), then tokens/s and
-model FLOP utilisation (MFU) of a Yi-34B-shaped PESC layer stack in bf16 and with the FP8
-frozen base. Prints a Markdown table; the last line is JSON. `--dry-run`: the same code on CPU
+model FLOP utilisation (MFU) of a Yi-34B-shaped PESC layer stack in bf16 and with the FP8 and
+NF4 frozen bases. Prints a Markdown table; the last line is JSON. `--dry-run`: the same code on CPU
 with tiny shapes, to check the script without a GPU.
 
 FLOPs counted per token and layer (forward): attention projections 2*H*(2*H + 2*kv*d), core
@@ -224,10 +224,10 @@ def step_flops(shape: dict, layers: int, seq: int) -> float:
 
 
 def throughput(shape, layers, seq, mbs, frozen, steps, device) -> dict:
-    from pesc_megatron.model.fp8 import convert_frozen_weights
+    from pesc_megatron.model.quantized import convert_frozen_weights
 
     model = build(shape, layers, "bf16")
-    matmul = convert_frozen_weights(model) if frozen == "fp8" else None
+    matmul = convert_frozen_weights(model, frozen) if frozen in ("fp8", "nf4") else None
     data = batch(seq, mbs, device)
     times = []
     for i in range(steps + 2):  # two warm-up steps
@@ -308,7 +308,7 @@ def main() -> None:
     print(f"adapter experts, grouped vs sequential: {result['experts']}", flush=True)
     layers = args.layers or layers_that_fit(shape, seq, args.micro_batch, dev)
     result["runs"] = [throughput(shape, layers, seq, args.micro_batch, frozen, args.steps, dev)
-                      for frozen in ("bf16", "fp8")]
+                      for frozen in ("bf16", "fp8", "nf4")]
     destroy()
     print("| frozen base | products | layers | tokens/s | TFLOP/s | MFU (bf16 peak) | "
           "peak GiB |\n|---|---|---|---|---|---|---|")

@@ -9,7 +9,8 @@
 #    Yi-34B-shaped PESC layer): errors and time of each;
 # 4. tokens/s and MFU of a Yi-34B-shaped PESC layer stack (hidden 7168, ffn 20480, 56/8 heads,
 #    8 experts, top-2, adapter 512; as many layers as fit) in bf16, packed sequences,
-# 5. the same with the FP8 frozen base (torchao e4m3, torch._scaled_mm products).
+# 5. the same with the FP8 frozen base (torchao e4m3, torch._scaled_mm products) and the NF4
+#    frozen base (torchao NF4, dequantized to bf16 for each product).
 # megatron-core and torchao (and numpy, if the image lacks it) come as wheels, fetched
 # beforehand on a machine with network by tests/gpu/fetch_wheels.sh. Output: a Markdown table
 # and a JSON line, also saved to $OUT (default /tmp/pesc_h200) for docs/.

@@ -1,5 +1,5 @@
 """Spawned-rank code for test_plan.py: the bytes each rank really allocates for parameters,
-gradient buffers and optimizer state, and its frozen weights once in FP8, next to
+gradient buffers and optimizer state, and its frozen weights once in FP8 and in NF4, next to
 `pesc plan`'s formulas for that rank."""
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _measure(layout: dict, lora: bool, tied: bool, distributed: bool) -> dict:
     )
     from pesc_megatron.model.builder import build_model
     from pesc_megatron.model.config import LoRAConfig, ModelConfig, PESCConfig
-    from pesc_megatron.model.fp8 import convert_frozen_weights, frozen_weight_bytes
+    from pesc_megatron.model.quantized import convert_frozen_weights, frozen_weight_bytes
     from pesc_megatron.parallel.config import ParallelConfig
     from pesc_megatron.parallel.distributed import initialize
     from pesc_megatron.train.step import forward_backward, forward_only, wrap_ddp
@@ -70,10 +70,14 @@ def _measure(layout: dict, lora: bool, tied: bool, distributed: bool) -> dict:
         gradients=sum(b.grad_data.nbytes for b in buffers),
         optimizer=sum(t.nbytes for t in state))
 
-    # The default FP8 frozen base (per-row scales, output layer with 32 columns kept).
-    convert_frozen_weights(model, "dequantize", output_layer=True, outliers=32,
+    # The default FP8 and NF4 frozen bases (output layer with 32 columns kept).
+    convert_frozen_weights(model, "fp8", "dequantize", output_layer=True, outliers=32,
                            calibrate=lambda: forward_only(ddp, [batch], SEQ, 1))
     measured["frozen_fp8"] = frozen_weight_bytes(model)["bytes"]
+    model = build_model(model_cfg, PESCConfig(**PESC), par, lora=lora_cfg)
+    convert_frozen_weights(model, "nf4", output_layer=True, outliers=32,
+                           calibrate=lambda: forward_only(model, [batch], SEQ, 1))
+    measured["frozen_nf4"] = frozen_weight_bytes(model)["bytes"]
 
     job = Job(model_cfg, PESCConfig(**PESC), lora_cfg, dtype="fp32",
               distributed_optimizer=distributed)
@@ -83,8 +87,9 @@ def _measure(layout: dict, lora: bool, tied: bool, distributed: bool) -> dict:
     predicted = dict(frozen=frozen_bytes(job, lay, stage),
                      trainable=trainable_bytes(job, counts), gradients=gradient_bytes(counts),
                      optimizer=optimizer_bytes(job, lay, counts),
-                     frozen_fp8=frozen_bytes(dataclasses.replace(job, fp8_base=True), lay,
-                                             stage))
+                     **{f"frozen_{kind}": frozen_bytes(
+                         dataclasses.replace(job, frozen_weights=kind), lay, stage)
+                        for kind in ("fp8", "nf4")})
     return dict(measured=measured, predicted=predicted)
 
 

@@ -35,7 +35,8 @@ def make_tokenizer(folder: Path, vocab_size: int = 128) -> None:
                             unk_token="<unk>", pad_token="<pad>").save_pretrained(folder)
 
 
-def make_checkpoint(root: Path, layers: int = 2, pesc: dict | None = None) -> Path:
+def make_checkpoint(root: Path, layers: int = 2, pesc: dict | None = None,
+                    intermediate: int = 64) -> Path:
     """root/hf (tokenizer + random Llama) -> root/base (PESC checkpoint). Single process."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -45,8 +46,8 @@ def make_checkpoint(root: Path, layers: int = 2, pesc: dict | None = None) -> Pa
     make_tokenizer(hf)
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+        hidden_size=32, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
         tie_word_embeddings=False)).save_pretrained(hf)
     return convert(hf, root / "base", dict(PESC, **(pesc or {})), dtype="fp32")
 

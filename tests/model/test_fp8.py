@@ -3,11 +3,9 @@ within e4m3's rounding, gradients, memory, LoRA, and the precision settings' err
 import pytest
 import torch
 
-from pesc_megatron.model.config import LoRAConfig, ModelConfig, PESCConfig
 from pesc_megatron.model.precision import PrecisionConfig, check_fp8_machine, validate_precision
-from pesc_megatron.parallel.config import ParallelConfig
 from pesc_megatron.schema import ConfigError
-from tests.helpers.fp8_check import check_frozen_linear
+from tests.helpers.quantized_check import check_frozen_linear, tiny_model
 
 
 @pytest.mark.parametrize("matmul", ["dequantize", "scaled_mm"])
@@ -18,37 +16,22 @@ def test_frozen_linear_within_e4m3_rounding(single_rank, kind, matmul):
     assert max(ratios.values()) > 0.05, ratios
 
 
-def tiny_model(hidden: int, lora: bool = False):
-    from pesc_megatron.model.builder import build_model
-
-    model = build_model(
-        ModelConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                    tie_word_embeddings=True),
-        PESCConfig(num_experts=4, topk=2, adapter_dim=16, adapter_dropout=0.0),
-        ParallelConfig(),
-        lora=LoRAConfig(targets=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
-                        rank=4, dropout=0.0) if lora else None)
-    torch.manual_seed(5)
-    with torch.no_grad():  # non-zero adapters and LoRA B, so that every gradient is exercised
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.2)
-    return model
-
-
 @pytest.mark.parametrize("output_layer", [False, True])
 def test_frozen_weights_take_at_most_55_percent_of_bf16(single_rank, output_layer):
     from torchao.quantization import Float8Tensor
 
-    from pesc_megatron.model.fp8 import FP8_MODULES, convert_frozen_weights, frozen_weight_bytes
+    from pesc_megatron.model.quantized import (
+        QUANTIZED_MODULES,
+        convert_frozen_weights,
+        frozen_weight_bytes,
+    )
 
     model = tiny_model(hidden=128)  # tied embedding and output layer
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert frozen_weight_bytes(model)["bytes"] == 4 * frozen_weight_bytes(model)["parameters"]
-    convert_frozen_weights(model, "dequantize", output_layer=output_layer)
+    convert_frozen_weights(model, "fp8", "dequantize", output_layer=output_layer)
     names = [name for name, module in model.named_modules()
-             if isinstance(module, FP8_MODULES) and isinstance(module.weight, Float8Tensor)]
+             if isinstance(module, QUANTIZED_MODULES) and isinstance(module.weight, Float8Tensor)]
     # qkv, proj, fc1, fc2 of both layers; the embedding, tied to the output layer, on request.
     assert len(names) == 8 + output_layer
     embedding = model.embedding.word_embeddings.weight
@@ -69,14 +52,15 @@ def test_frozen_weights_take_at_most_55_percent_of_bf16(single_rank, output_laye
             p.numel() for p in fp8))
 
 
-@pytest.mark.parametrize("matmul", ["dequantize", "scaled_mm"])
-def test_trainable_gradients_flow_with_lora(single_rank, matmul):
-    """LoRA and the adapters keep training on an FP8 base. With `dequantize` the model is
-    exactly the model whose frozen weights are the e4m3-rounded ones (same loss and gradients
-    up to fp32 summation order); `scaled_mm` also rounds activations, so only the direction
-    of each gradient is compared (to the fp32 model's)."""
+@pytest.mark.parametrize("frozen,matmul", [("fp8", "dequantize"), ("fp8", "scaled_mm"),
+                                           ("nf4", "dequantize")])
+def test_trainable_gradients_flow_with_lora(single_rank, frozen, matmul):
+    """LoRA and the adapters keep training on an FP8 or NF4 base. With `dequantize` the model
+    is exactly the model whose frozen weights are the rounded ones (same loss and gradients up
+    to fp32 summation order); `scaled_mm` also rounds activations, so only the direction of
+    each gradient is compared (to the fp32 model's)."""
     from pesc_megatron.checkpoint.sharded import trainable_sharded_state_dict
-    from pesc_megatron.model.fp8 import convert_frozen_weights
+    from pesc_megatron.model.quantized import convert_frozen_weights, dense, is_quantized
 
     model, reference = tiny_model(hidden=64, lora=True), tiny_model(hidden=64, lora=True)
     reference.load_state_dict(model.state_dict())
@@ -92,8 +76,8 @@ def test_trainable_gradients_flow_with_lora(single_rank, matmul):
         return loss.item(), {n: p.grad.clone() for n, p in m.named_parameters()
                              if p.requires_grad}
 
-    convert_frozen_weights(model, matmul)
-    assert all(not type(p).__name__.startswith("Float8") and p.dtype == torch.float32
+    convert_frozen_weights(model, frozen, matmul)
+    assert all(not is_quantized(p) and p.dtype == torch.float32
                for n, p in model.named_parameters() if ".lora." in n)
     loss8, grads8 = loss_and_grads(model)
     if matmul == "scaled_mm":
@@ -101,8 +85,8 @@ def test_trainable_gradients_flow_with_lora(single_rank, matmul):
     else:
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if hasattr(p, "dequantize"):
-                    reference.get_parameter(name).copy_(p.dequantize())
+                if is_quantized(p):
+                    reference.get_parameter(name).copy_(dense(p))
         loss, grads = loss_and_grads(reference)
     assert grads8.keys() == grads.keys() and any(".lora." in n for n in grads)
     assert abs(loss8 - loss) <= (0.01 if matmul == "scaled_mm" else 1e-6) * loss
@@ -123,17 +107,20 @@ def test_trainable_gradients_flow_with_lora(single_rank, matmul):
 
 @pytest.mark.parametrize("settings,dtype,message", [
     (dict(frozen_weights="fp16"), "fp32", r"precision.frozen_weights='fp16': must be one of "
-                                          r"fp32, bf16, fp8"),
+                                          r"fp32, bf16, fp8, nf4"),
     (dict(frozen_weights="bf16"), "fp32", r"frozen_weights='bf16': the base computes in the "
-                                          r"model dtype fp32; use fp32 or fp8"),
+                                          r"model dtype fp32; use fp32, fp8 or nf4"),
     (dict(frozen_weights="fp8", fp8_matmul="fast"), "fp32", r"precision.fp8_matmul='fast'"),
     (dict(fp8="hybrid"), "bf16", r"precision.fp8='hybrid': must be one of delayed, "
                                  r"tensorwise, blockwise"),
     (dict(fp8="delayed", frozen_weights="fp8"), "bf16", r"precision.fp8='delayed': .*exclude"),
+    (dict(fp8="tensorwise", frozen_weights="nf4"), "bf16",
+     r"precision.fp8='tensorwise': Transformer Engine FP8 and precision.frozen_weights=nf4 "
+     r"exclude each other"),
     (dict(fp8="delayed", fp8_margin=-1), "bf16", r"precision.fp8_margin=-1: must be >= 0"),
     (dict(fp8="delayed", fp8_amax_history_len=0), "bf16", r"fp8_amax_history_len=0"),
-    (dict(frozen_weights="fp8", fp8_output_outliers=-1), "bf16",
-     r"precision.fp8_output_outliers=-1: must be >= 0"),
+    (dict(frozen_weights="fp8", output_outliers=-1), "bf16",
+     r"precision.output_outliers=-1: must be >= 0"),
 ])
 def test_precision_errors(settings, dtype, message):
     with pytest.raises(ConfigError, match=message) as e:
@@ -174,7 +161,7 @@ def test_cli_precision_errors_exit_2(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--ckpt", str(tmp_path), "--data", "x.jsonl", "--frozen-weights", "bf16"])
     assert e.value.code == 2
-    assert ("--frozen-weights bf16: the base computes in --dtype fp32; use fp32 or fp8"
+    assert ("--frozen-weights bf16: the base computes in --dtype fp32; use fp32, fp8 or nf4"
             in capsys.readouterr().err)
 
 
@@ -247,18 +234,21 @@ def test_cli_train_precision_errors_exit_2(tmp_path, capsys, single_rank):
     tiny.write_jsonl(tmp_path / "train.jsonl", tiny.records(8, 1))
     tiny.write_jsonl(tmp_path / "valid.jsonl", tiny.records(4, 2))
     job = tiny.write_job(tmp_path / "job.yaml", ckpt, tmp_path, tmp_path / "out")
-    for override, message in (
-            ("precision.frozen_weights=fp4", "precision.frozen_weights='fp4': must be one of"),
-            ("precision.fp8=delayed", "precision.fp8=delayed: Transformer Engine does not "
-                                      "import")):
-        assert main(["train", str(job), override]) == 2
+    for overrides, message in (
+            (["precision.frozen_weights=fp4"], "precision.frozen_weights='fp4': must be one of"),
+            (["precision.fp8=delayed"], "precision.fp8=delayed: Transformer Engine does not "
+                                        "import"),
+            (["precision.frozen_weights=nf4", "precision.fp8=delayed"],
+             "precision.fp8='delayed': Transformer Engine FP8 and precision.frozen_weights=nf4 "
+             "exclude each other")):
+        assert main(["train", str(job), *overrides]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("pesc train: error: ") and message in err[-1], err
     assert not (tmp_path / "out").exists()
 
 
 def test_output_layer_outlier_columns(single_rank):
-    from tests.helpers.fp8_check import check_output_outliers
+    from tests.helpers.quantized_check import check_output_outliers
 
     check_output_outliers()
 
@@ -267,10 +257,11 @@ def test_calibration_finds_the_massive_dimension(single_rank):
     """Through the whole tiny model: one forward over pseudo-random tokens finds the hidden
     dimension the final norm makes massive, and keeping it brings the FP8 logits back towards
     the fp32 model's."""
-    from pesc_megatron.model.fp8 import calibration_batch, convert_frozen_weights
+    from pesc_megatron.model.quantized import calibration_batches, convert_frozen_weights
     from pesc_megatron.train.step import forward_only
 
-    batch = calibration_batch(256, 32)
+    batches = calibration_batches(256, 32)
+    batch = batches[0]
 
     def logits(model):
         with torch.no_grad():
@@ -283,9 +274,10 @@ def test_calibration_finds_the_massive_dimension(single_rank):
         with torch.no_grad():
             model.decoder.final_layernorm.weight[77] = 40.0
         want = logits(model)
-        convert_frozen_weights(model, "dequantize", output_layer=True, outliers=outliers,
-                               calibrate=lambda: forward_only(model, [batch], 32, 1))
+        convert_frozen_weights(model, "fp8", "dequantize", output_layer=True,
+                               outliers=outliers,
+                               calibrate=lambda: forward_only(model, batches, 32, 1))
         errors[outliers] = (logits(model) - want).abs().max().item()
         if outliers:
-            assert 77 in model.output_layer.fp8_outliers.index.tolist()
+            assert 77 in model.output_layer.outlier_columns.index.tolist()
     assert errors[4] < 0.5 * errors[0], errors

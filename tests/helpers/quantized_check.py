@@ -1,5 +1,7 @@
-"""The FP8 frozen linear against the float64 product, within the error e4m3 allows; shared by
-the single-rank unit test and the TP=2 gloo test (it runs on any tensor-parallel size).
+"""The low-precision frozen linears against float64 products; shared by the single-rank unit
+tests and the TP=2 gloo test (they run on any tensor-parallel size). FP8: within the error
+e4m3 allows. NF4: equal to the product with the dequantized weight (this rank's shard, as it
+was quantized) within fp32 rounding.
 
 The bound. A value v scaled by s into e4m3 (3 mantissa bits, smallest normal 2^-6, subnormal
 spacing 2^-9) comes back as s * round(v / s) with |error| <= max(2^-4 |v|, 2^-10 s): half a
@@ -39,6 +41,29 @@ def quantized(t: torch.Tensor, rowwise: bool) -> torch.Tensor:
     return rounding(t, amax / E4M3_MAX)
 
 
+def tiny_model(hidden: int, lora: bool = False):
+    """A two-layer PESC model (tied embedding and output layer) with random trainable weights,
+    in one process."""
+    from pesc_megatron.model.builder import build_model
+    from pesc_megatron.model.config import LoRAConfig, ModelConfig, PESCConfig
+    from pesc_megatron.parallel.config import ParallelConfig
+
+    model = build_model(
+        ModelConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                    tie_word_embeddings=True),
+        PESCConfig(num_experts=4, topk=2, adapter_dim=16, adapter_dropout=0.0),
+        ParallelConfig(),
+        lora=LoRAConfig(targets=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+                        rank=4, dropout=0.0) if lora else None)
+    torch.manual_seed(5)
+    with torch.no_grad():  # non-zero adapters and LoRA B, so that every gradient is exercised
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    return model
+
+
 def make_linear(kind: str, config):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -58,7 +83,7 @@ def check_frozen_linear(kind: str, matmul: str) -> dict:
 
     from pesc_megatron.model.builder import transformer_config
     from pesc_megatron.model.config import ModelConfig, PESCConfig
-    from pesc_megatron.model.fp8 import convert_frozen_weights
+    from pesc_megatron.model.quantized import convert_frozen_weights
     from pesc_megatron.parallel.config import ParallelConfig
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
@@ -83,7 +108,7 @@ def check_frozen_linear(kind: str, matmul: str) -> dict:
     with torch.no_grad():
         linear.weight.copy_(w[rows, cols])
     linear.weight.requires_grad_(False)
-    assert convert_frozen_weights(linear, matmul) == matmul
+    assert convert_frozen_weights(linear, "fp8", matmul) == matmul
     assert linear.weight.qdata.dtype == torch.float8_e4m3fn
 
     every = slice(None)
@@ -127,7 +152,8 @@ def check_output_outliers(count: int = 4) -> None:
 
     from pesc_megatron.model.builder import transformer_config
     from pesc_megatron.model.config import ModelConfig, PESCConfig
-    from pesc_megatron.model.fp8 import add_outlier_columns, output_hidden_mean_square, to_float8
+    from pesc_megatron.model.fp8 import to_float8
+    from pesc_megatron.model.quantized import add_outlier_columns, output_hidden_mean_square
     from pesc_megatron.parallel.config import ParallelConfig
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
@@ -181,8 +207,71 @@ def check_output_outliers(count: int = 4) -> None:
     assert (out.double() - exact).abs().max() < 0.25 * plain, (out - exact).abs().max() / plain
 
 
+def check_nf4_linear(kind: str) -> float:
+    """megatron-core's column- or row-parallel linear at the current TP size (sequence parallel
+    when TP > 1) with a frozen NF4 weight: forward and input gradient equal the float64
+    products with the dequantized weight within fp32 rounding (n 2^-22 |a| @ |b|). Returns the
+    largest |error| / that bound."""
+    from megatron.core import parallel_state as ps
+
+    from pesc_megatron.model.builder import transformer_config
+    from pesc_megatron.model.config import ModelConfig, PESCConfig
+    from pesc_megatron.model.nf4 import dequantize, to_nf4
+    from pesc_megatron.model.quantized import convert_frozen_weights
+    from pesc_megatron.parallel.config import ParallelConfig
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    config = transformer_config(
+        ModelConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_attention_heads=4),
+        PESCConfig(num_experts=2, topk=2, adapter_dim=8), ParallelConfig(tp=tp))
+    g = torch.Generator().manual_seed(7)
+    in_f, out_f = (HIDDEN, FFN) if kind == "column" else (FFN, HIDDEN)
+    w = torch.randn(out_f, in_f, generator=g) * torch.logspace(-3, 0, out_f).unsqueeze(1)
+    x = torch.randn(SEQ, BATCH, in_f, generator=g)
+    grad = torch.randn(SEQ, BATCH, out_f, generator=g)
+    split = 0 if kind == "column" else 1
+    shards = w.chunk(tp, dim=split)  # every rank quantizes its own shard
+    dequantized = torch.cat([dequantize(to_nf4(s)) for s in shards], dim=split).double()
+
+    linear = make_linear(kind, config)
+    with torch.no_grad():
+        linear.weight.copy_(shards[rank])
+    linear.weight.requires_grad_(False)
+    convert_frozen_weights(linear, "nf4")
+    assert type(linear.weight).__name__ == "NF4Tensor"
+    seq = slice(rank * SEQ // tp, (rank + 1) * SEQ // tp)
+    rows = slice(rank * out_f // tp, (rank + 1) * out_f // tp)
+    cols = slice(rank * in_f // tp, (rank + 1) * in_f // tp)
+    every = slice(None)
+    if kind == "column":
+        inp, grad_out = x[seq], grad[..., rows]
+        out_index, in_grad_index = (every, every, rows), (seq, every, every)
+    else:
+        inp, grad_out = x[..., cols], grad[seq]
+        out_index, in_grad_index = (seq, every, every), (every, every, cols)
+    inp = inp.clone().requires_grad_(True)
+    out, _ = linear(inp)
+    out.backward(grad_out)
+
+    x64, g64 = x.double(), grad.double()
+    ratios = {}
+    for name, got, want, scale, n, index in (
+            ("forward", out, x64 @ dequantized.t(), x64.abs() @ dequantized.abs().t(), in_f,
+             out_index),
+            ("backward", inp.grad, g64 @ dequantized, g64.abs() @ dequantized.abs(), out_f,
+             in_grad_index)):
+        bound = n * 2.0**-22 * scale[index] + 1e-30
+        err = (got.double() - want[index]).abs()
+        assert (err <= bound).all(), (name, kind, (err / bound).max())
+        ratios[name] = (err / bound).max().item()
+    # And NF4's own rounding is far above that: the product is not the high-precision one.
+    assert (out.double() - (x64 @ w.double().t())[out_index]).abs().max() > 1e-3
+    return ratios
+
+
 def tp_worker() -> None:
-    """In each spawned rank: both linears, both product kinds, at this world's TP size."""
+    """In each spawned rank: both linears, both FP8 product kinds and NF4, at this world's TP
+    size."""
     from pesc_megatron.parallel.config import ParallelConfig
     from pesc_megatron.parallel.distributed import destroy, initialize
 
@@ -191,6 +280,7 @@ def tp_worker() -> None:
         for kind in ("column", "row"):
             for matmul in ("dequantize", "scaled_mm"):
                 check_frozen_linear(kind, matmul)
+            check_nf4_linear(kind)
         check_output_outliers()
     finally:
         destroy()

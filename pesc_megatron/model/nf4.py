@@ -1,0 +1,135 @@
+"""The NF4 frozen base (`precision.frozen_weights: nf4`): QLoRA's 4-bit NormalFloat format
+through torchao's `NF4Tensor`, which runs on CPUs and GPUs (bitsandbytes does not run here).
+
+The format, as QLoRA's `bnb_4bit_quant_type="nf4"` with `bnb_4bit_use_double_quant=True`:
+the flattened weight is cut into blocks of 64 values; each value is stored as the index (4
+bits) of the nearest of 16 NormalFloat levels in [-1, 1] times its block's absmax; the absmaxes
+are double-quantized (their mean removed, then int8 with one scale per group of up to 256
+blocks). About 4.13 bits per weight: 0.5 byte, plus 1 byte per 64 values, plus a scale per
+group. Products dequantize the weight to the model dtype and multiply in it (as QLoRA does
+with its compute dtype).
+
+torchao 0.18's tensor serves `F.linear` (torchtune's path) but not megatron-core's frozen-weight
+linear (`input @ weight.t()` forward, `grad @ weight` backward) or embedding; three fixes,
+made here and nowhere else (`register_nf4_ops`), as entries of torchao's NF4 op table:
+- `aten.t` swaps the strides but keeps the shape: it now returns the transposed shape.
+- `aten.mm` with an NF4 operand multiplies by the transpose of what it was given, whatever
+  its layout: replaced by a dequantizing `mm` that reads the layout.
+- `aten.embedding` is not implemented: added, dequantizing only the looked-up rows.
+`tests/model/test_nf4.py` checks each against the dequantized weight.
+"""
+from __future__ import annotations
+
+import torch
+from torchao.quantization import NF4Tensor
+from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+
+from pesc_megatron.schema import ConfigError
+
+BLOCK_SIZE = 64  # values per absmax (QLoRA's default)
+MAX_SCALER_BLOCK = 256  # absmaxes per double-quantization scale (QLoRA's default)
+CHUNK_ELEMENTS = 2**18  # values quantized at a time (a multiple of BLOCK_SIZE)
+
+
+def scaler_block_size(numel: int) -> int:
+    """The double-quantization group: 256 blocks where that divides the tensor (torchao needs
+    whole groups), else the largest power of two that does (SmolLM2's 576 x 576: 64 blocks),
+    which only costs a few more scales."""
+    blocks = numel // BLOCK_SIZE
+    return next(g for g in (MAX_SCALER_BLOCK >> i for i in range(9)) if blocks % g == 0)
+
+
+def check_nf4_shape(shape: tuple[int, ...], name: str) -> None:
+    """One line naming the weight when NF4 cannot store this rank's shard of it."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel % BLOCK_SIZE or shape[-1] % 2:
+        raise ConfigError(f"precision.frozen_weights=nf4: {name} has a shard of shape "
+                          f"{list(shape)} on this rank, {numel} values, which the NF4 block "
+                          f"size {BLOCK_SIZE} does not divide; choose another tensor-parallel "
+                          "size or keep this base in fp8")
+
+
+def to_nf4(weight: torch.Tensor, name: str = "weight") -> NF4Tensor:
+    """`weight` (2-D) as an NF4 tensor in `weight`'s dtype: what torchao's
+    `NF4Tensor.from_tensor` makes (its own functions, the same values), but a chunk of
+    `CHUNK_ELEMENTS` at a time, where `from_tensor` holds several full-size temporaries (about
+    5x the weight's bf16 bytes for SmolLM2's embedding)."""
+    check_nf4_shape(tuple(weight.shape), name)
+    weight = weight.detach().contiguous()
+    flat = weight.view(-1)
+    chunks = flat.split(CHUNK_ELEMENTS)  # a multiple of the block size: blocks stay whole
+    absmax = torch.cat([nf4_tensor.get_block_absmax(c, BLOCK_SIZE) for c in chunks])
+    groups = scaler_block_size(flat.numel())
+    # The absmaxes' double quantization, as from_tensor does it: on blocks of size 1 of the
+    # absmaxes themselves, their absmax is themselves.
+    scalers, factor, mean = NF4Tensor.double_quantize_scalers(absmax, 1, groups)
+    factor = factor.clone()  # with one group it views a whole group's expanded row
+    levels = nf4_levels(weight.dtype, weight.device)
+    packed = torch.cat([NF4Tensor.convert_to_norm_float_weight(c, c.numel() // BLOCK_SIZE,
+                                                                BLOCK_SIZE, levels)
+                        for c in chunks])
+    meta = nf4_tensor.SubclassTensorArgs(weight.shape, weight.stride(), 0, weight.dtype,
+                                         weight.device, False)
+    return NF4Tensor(meta, BLOCK_SIZE, absmax.numel(), groups, scalers, factor, mean, packed,
+                     levels)
+
+
+def nf4_levels(dtype: torch.dtype, device) -> torch.Tensor:
+    """NF4's 16 levels in `dtype`, as torchao defines them."""
+    return NF4Tensor.from_tensor(torch.zeros(BLOCK_SIZE, dtype=dtype, device=device),
+                                 BLOCK_SIZE, 1).nf4
+
+
+def dequantize(t: torch.Tensor) -> torch.Tensor:
+    """A dense copy of `t` in its dtype; `t` may be a transposed view of an NF4 tensor."""
+    if not isinstance(t, NF4Tensor):
+        return t
+    if t.is_contiguous():
+        return t.get_original_weight()
+    return t.t().get_original_weight().t()
+
+
+def nf4_rows(weight: NF4Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`dequantize(weight)[index]` without the rest of the table: the rows' codes and their
+    blocks' absmaxes only. Needs rows made of whole blocks (every hidden size is a multiple
+    of 64), else dequantizes the table."""
+    rows, cols = weight.shape
+    if cols % weight.block_size:
+        return dequantize(weight)[index]
+    absmax = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor,
+                                       weight.scaler_block_size).view(rows, -1)[index]
+    packed = weight.quantized_data.view(rows, cols // 2)[index]
+    codes = torch.stack([packed >> 4, packed & 0b1111], dim=-1).flatten(-2).long()
+    values = weight.nf4[codes].unflatten(-1, (-1, weight.block_size))
+    return (values * absmax.unsqueeze(-1)).flatten(-2)
+
+
+def _t(func, args, kwargs=None):
+    a = args[0]
+    meta = nf4_tensor.SubclassTensorArgs(
+        (a.size(1), a.size(0)), (a.stride(1), a.stride(0)), a.storage_offset(), a.dtype,
+        a.device, a.requires_grad)
+    return NF4Tensor(meta, a.block_size, a.n_blocks, a.scaler_block_size, a.quantized_scalers,
+                     a.quantization_factor, a.scaler_mean, a.quantized_data, a.nf4)
+
+
+def _mm(func, args, kwargs=None):
+    a, b = args
+    return torch.mm(dequantize(a), dequantize(b))
+
+
+def _embedding(func, args, kwargs=None):
+    weight, index = args[0], args[1]
+    return nf4_rows(weight, index)
+
+
+def register_nf4_ops() -> None:
+    """The three fixes to torchao's NF4 op table (module docstring); idempotent."""
+    nf4_tensor.NF4_OPS_TABLE[torch.ops.aten.t.default] = _t
+    nf4_tensor.NF4_OPS_TABLE[torch.ops.aten.mm.default] = _mm
+    nf4_tensor.NF4_OPS_TABLE[torch.ops.aten.embedding.default] = _embedding
+
+
+register_nf4_ops()
