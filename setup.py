@@ -19,8 +19,9 @@ setup(
         "sentencepiece",
         "tensorboard",
         "matplotlib",  # `pesc report` and the benchmark plots
-        # The FP8 frozen base without Transformer Engine (model/fp8.py). torchao's float8 tensor
-        # API still moves between minor releases: the tested one.
+        # The FP8 and NF4 frozen bases without Transformer Engine (model/fp8.py, model/nf4.py,
+        # which fixes three of its NF4 ops). torchao's tensor APIs still move between minor
+        # releases: the tested one.
         "torchao>=0.18,<0.19",
     ],
     extras_require={

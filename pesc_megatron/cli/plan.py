@@ -82,7 +82,8 @@ def _job(args) -> Job:
 def _table(job: Job, lay: Layout, recompute: str, memory: dict, gpu_bytes: float) -> list:
     in_flight = lay.pp - memory["stage"]
     sharded = f" /{lay.dp} (experts /{lay.expert_dp})" if job.distributed_optimizer else ""
-    rows = [(f"frozen base, {(job.frozen_weights or job.dtype).upper()}",
+    stored = job.frozen_weights.upper() if job.frozen_weights else job.dtype
+    rows = [(f"frozen base, {stored}",
              memory["frozen"]),
             ("routers, adapters, LoRA", memory["trainable"]),
             ("gradient buffer, fp32", memory["gradients"]),

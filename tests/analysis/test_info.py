@@ -57,3 +57,21 @@ def test_info_of_a_checkpoint_and_errors(capsys, tmp_path, single_rank):
     assert "lora.rank=5000: larger than q_proj" in capsys.readouterr().err
     assert main(["info", "llama9-1t"]) == 2
     assert "llama9-1t: neither a preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("frozen,dtype", [("nf4", "fp32"), ("fp8", "fp32"), (None, "fp32")])
+def test_frozen_bytes_equal_the_loaded_model(capsys, tmp_path, single_rank, frozen, dtype):
+    """`pesc info --frozen-weights` against the checkpoint loaded and converted by the loader
+    (the output layer's 32 high-precision columns included)."""
+    from pesc_megatron.checkpoint import base as checkpoint
+    from pesc_megatron.model.precision import PrecisionConfig
+    from pesc_megatron.model.quantized import frozen_weight_bytes
+    from tests.helpers import tiny
+
+    ckpt = tiny.make_checkpoint(tmp_path, layers=2)
+    flags = ["--frozen-weights", frozen] if frozen else []
+    assert main(["info", str(ckpt), "--dtype", dtype, *flags]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model, _ = checkpoint.load(ckpt, ParallelConfig(), dtype,
+                               precision=PrecisionConfig(frozen_weights=frozen))
+    assert row["frozen_bytes"] == frozen_weight_bytes(model)["bytes"]
