@@ -74,29 +74,40 @@ def make_linear(kind: str, config):
                              bias=False, input_is_parallel=True, skip_bias_add=True)
 
 
+def linear_config():
+    """(TP size, TP rank, megatron-core's TransformerConfig) for the linears checked here."""
+    from megatron.core import parallel_state as ps
+
+    from pesc_megatron.model.builder import transformer_config
+    from pesc_megatron.model.config import ModelConfig, PESCConfig
+    from pesc_megatron.parallel.config import ParallelConfig
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    config = transformer_config(
+        ModelConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_attention_heads=4),
+        PESCConfig(num_experts=2, topk=2, adapter_dim=8), ParallelConfig(tp=tp))
+    return tp, ps.get_tensor_model_parallel_rank(), config
+
+
+def linear_data(in_f: int, out_f: int, seed: int):
+    """A weight whose rows have very different magnitudes, an input and an output gradient."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * torch.logspace(-3, 0, out_f).unsqueeze(1)
+    return (w, torch.randn(SEQ, BATCH, in_f, generator=g),
+            torch.randn(SEQ, BATCH, out_f, generator=g))
+
+
 def check_frozen_linear(kind: str, matmul: str) -> dict:
     """Builds megatron-core's column- or row-parallel linear at the current TP size (sequence
     parallel when TP > 1, as PESC runs), gives it a frozen FP8 weight and checks the forward
     and the backward to the input against float64 within the bound. Returns the largest
     |error| / bound seen."""
-    from megatron.core import parallel_state as ps
-
-    from pesc_megatron.model.builder import transformer_config
-    from pesc_megatron.model.config import ModelConfig, PESCConfig
     from pesc_megatron.model.quantized import convert_frozen_weights
-    from pesc_megatron.parallel.config import ParallelConfig
 
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    config = transformer_config(
-        ModelConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_attention_heads=4),
-        PESCConfig(num_experts=2, topk=2, adapter_dim=8), ParallelConfig(tp=tp))
-    g = torch.Generator().manual_seed(3)
+    tp, rank, config = linear_config()
     in_f, out_f = (HIDDEN, FFN) if kind == "column" else (FFN, HIDDEN)
-    # Rows of very different magnitudes, and elements small enough to be e4m3 subnormals.
-    w = torch.randn(out_f, in_f, generator=g) * torch.logspace(-3, 0, out_f).unsqueeze(1)
-    w[:, :3] *= 1e-4
-    x = torch.randn(SEQ, BATCH, in_f, generator=g)
-    grad = torch.randn(SEQ, BATCH, out_f, generator=g)
+    w, x, grad = linear_data(in_f, out_f, seed=3)
+    w[:, :3] *= 1e-4  # and elements small enough to be e4m3 subnormals
 
     linear = make_linear(kind, config)
     rows, cols = slice(None), slice(None)
@@ -150,16 +161,10 @@ def check_output_outliers(count: int = 4) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
-    from pesc_megatron.model.builder import transformer_config
-    from pesc_megatron.model.config import ModelConfig, PESCConfig
     from pesc_megatron.model.fp8 import to_float8
     from pesc_megatron.model.quantized import add_outlier_columns, output_hidden_mean_square
-    from pesc_megatron.parallel.config import ParallelConfig
 
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    config = transformer_config(
-        ModelConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_attention_heads=4),
-        PESCConfig(num_experts=2, topk=2, adapter_dim=8), ParallelConfig(tp=tp))
+    tp, rank, config = linear_config()
     vocab, massive = 4 * FFN, 5
     g = torch.Generator().manual_seed(4)
     w = torch.randn(vocab, HIDDEN, generator=g)
@@ -207,28 +212,17 @@ def check_output_outliers(count: int = 4) -> None:
     assert (out.double() - exact).abs().max() < 0.25 * plain, (out - exact).abs().max() / plain
 
 
-def check_nf4_linear(kind: str) -> float:
+def check_nf4_linear(kind: str) -> dict:
     """megatron-core's column- or row-parallel linear at the current TP size (sequence parallel
     when TP > 1) with a frozen NF4 weight: forward and input gradient equal the float64
     products with the dequantized weight within fp32 rounding (n 2^-22 |a| @ |b|). Returns the
     largest |error| / that bound."""
-    from megatron.core import parallel_state as ps
-
-    from pesc_megatron.model.builder import transformer_config
-    from pesc_megatron.model.config import ModelConfig, PESCConfig
     from pesc_megatron.model.nf4 import dequantize, to_nf4
     from pesc_megatron.model.quantized import convert_frozen_weights
-    from pesc_megatron.parallel.config import ParallelConfig
 
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    config = transformer_config(
-        ModelConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_attention_heads=4),
-        PESCConfig(num_experts=2, topk=2, adapter_dim=8), ParallelConfig(tp=tp))
-    g = torch.Generator().manual_seed(7)
+    tp, rank, config = linear_config()
     in_f, out_f = (HIDDEN, FFN) if kind == "column" else (FFN, HIDDEN)
-    w = torch.randn(out_f, in_f, generator=g) * torch.logspace(-3, 0, out_f).unsqueeze(1)
-    x = torch.randn(SEQ, BATCH, in_f, generator=g)
-    grad = torch.randn(SEQ, BATCH, out_f, generator=g)
+    w, x, grad = linear_data(in_f, out_f, seed=7)
     split = 0 if kind == "column" else 1
     shards = w.chunk(tp, dim=split)  # every rank quantizes its own shard
     dequantized = torch.cat([dequantize(to_nf4(s)) for s in shards], dim=split).double()

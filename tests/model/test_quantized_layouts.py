@@ -20,18 +20,25 @@ def test_frozen_linears_tp2():
     spawn(tp_worker, 2)
 
 
-def test_train_and_eval_on_an_fp8_base_tp2(tmp_path, single_rank):
+def train_on_a_low_precision_base(tmp_path, frozen: str, **sections):
+    """Four steps of `pesc train` on the tiny model over a `frozen` base (2 ranks); returns
+    the run folder, the validation file and the validation rows (steps 0 and 4)."""
     ckpt = tiny.make_checkpoint(tmp_path)
     tiny.write_jsonl(tmp_path / "train.jsonl", tiny.records(32, 1))
     valid = tiny.write_jsonl(tmp_path / "valid.jsonl", tiny.records(16, 2))
     out = tmp_path / "out"
-    config = tiny.write_job(tmp_path / "job.yaml", ckpt, tmp_path, out, parallel={"tp": 2},
-                            train={"iters": 4}, pesc={"adapter_dropout": 0.0})
-    run = train(2, config, "precision.frozen_weights=fp8")
+    config = tiny.write_job(tmp_path / "job.yaml", ckpt, tmp_path, out, train={"iters": 4},
+                            pesc={"adapter_dropout": 0.0}, **sections)
+    run = train(2, config, f"precision.frozen_weights={frozen}")
     assert "frozen weights on this rank: " in run.stdout and "of bf16)" in run.stdout
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()
             if "valid_loss" in r]
     assert [r["step"] for r in rows] == [0, 4] and rows[1]["valid_loss"] < rows[0]["valid_loss"]
+    return out, valid, rows
+
+
+def test_train_and_eval_on_an_fp8_base_tp2(tmp_path, single_rank):
+    out, valid, rows = train_on_a_low_precision_base(tmp_path, "fp8", parallel={"tp": 2})
     # `pesc eval` of the run on an FP8 base at the run's layout is its final validation.
     fp8 = evaluate(2, out, valid, "--tp", "2", "--frozen-weights", "fp8")
     assert fp8["loss"] == pytest.approx(rows[1]["valid_loss"], rel=1e-5)
@@ -43,20 +50,9 @@ def test_train_and_eval_on_an_fp8_base_tp2(tmp_path, single_rank):
 
 
 def test_train_and_eval_on_an_nf4_base_ep2(tmp_path, single_rank):
-    ckpt = tiny.make_checkpoint(tmp_path)
-    tiny.write_jsonl(tmp_path / "train.jsonl", tiny.records(32, 1))
-    valid = tiny.write_jsonl(tmp_path / "valid.jsonl", tiny.records(16, 2))
-    out = tmp_path / "out"
-    config = tiny.write_job(tmp_path / "job.yaml", ckpt, tmp_path, out, parallel={"ep": 2},
-                            train={"iters": 4}, pesc={"adapter_dropout": 0.0},
-                            lora={"targets": ["q_proj", "down_proj"], "rank": 4,
-                                  "dropout": 0.0})
-    run = train(2, config, "precision.frozen_weights=nf4")
-    # 4.13 bits per weight; the norms and the outlier columns keep fp32
-    assert "frozen weights on this rank: " in run.stdout
-    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()
-            if "valid_loss" in r]
-    assert [r["step"] for r in rows] == [0, 4] and rows[1]["valid_loss"] < rows[0]["valid_loss"]
+    out, valid, rows = train_on_a_low_precision_base(
+        tmp_path, "nf4", parallel={"ep": 2},
+        lora={"targets": ["q_proj", "down_proj"], "rank": 4, "dropout": 0.0})
     # `pesc eval` of the run on an NF4 base at the run's layout is its final validation, and
     # one rank gives the same (no weight is split at EP=2: the same rounding).
     nf4 = evaluate(2, out, valid, "--ep", "2", "--frozen-weights", "nf4")
