@@ -30,8 +30,7 @@ from pesc_megatron.model.config import (
     lora_column_parallel,
     lora_shapes,
 )
-from pesc_megatron.model.nf4 import BLOCK_SIZE, scaler_block_size
-from pesc_megatron.model.precision import PrecisionConfig
+from pesc_megatron.model.precision import NF4_BLOCK_SIZE, PrecisionConfig, scaler_block_size
 from pesc_megatron.parallel.config import (
     ParallelConfig,
     data_parallel_size,
@@ -125,7 +124,7 @@ def frozen_bytes(job: Job, lay: Layout, stage: int) -> int:
 def nf4_bytes(numel: int, dtype_bytes: int) -> int:
     """An NF4 weight of `numel` values (model/nf4.py): 4 bits each, an int8 absmax per block
     of 64, a scale per group of absmaxes, their mean and the 16 levels in the model dtype."""
-    blocks = numel // BLOCK_SIZE
+    blocks = numel // NF4_BLOCK_SIZE
     return (numel // 2 + blocks + dtype_bytes * (blocks // scaler_block_size(numel))
             + dtype_bytes * 17)
 

@@ -30,11 +30,10 @@ from pesc_megatron.model.builder import build_model
 from pesc_megatron.model.config import LoRAConfig
 from pesc_megatron.model.precision import LOW_PRECISION, PrecisionConfig
 from pesc_megatron.model.quantized import (
-    calibration_batches,
     QUANTIZED_MODULES,
-    output_weights,
+    calibration_batches,
+    convert_frozen_weights,
     quantize_frozen,
-    quantize_logits_weights,
     resolve_matmul,
 )
 from pesc_megatron.parallel.config import ParallelConfig, validate_layout
@@ -71,7 +70,7 @@ def load(ckpt: str | Path, parallel: ParallelConfig, dtype: str | None = None,
     changes training-time PESC settings. `lora` (a training job's) adds fresh LoRA weights
     where the checkpoint has none; a checkpoint trained with LoRA must be given the same
     settings. `precision`: `frozen_weights` fp8 or nf4 stores the frozen weights in that format,
-    layer by layer as they load (model/quantized.py); `fp8` builds with Transformer Engine's
+    one weight matrix at a time as they load (model/quantized.py); `fp8` builds with Transformer Engine's
     linears (GPU). `base`: where a training checkpoint's base is, if it moved.
     `build_options` go to `build_model`."""
     ckpt = Path(ckpt)
@@ -174,15 +173,12 @@ def load_groups(model, state: dict, roles: dict, by_weight: bool):
 
 def quantize_rest(model, info: CheckpointInfo, parallel: ParallelConfig,
                   precision: PrecisionConfig, matmul: str) -> None:
-    """What the layer-by-layer load left in high precision (an untied embedding; with
+    """What the grouped load left in high precision (an untied embedding; with
     `precision.quantize_output_layer`, the logits' weights): converted once the model is
     complete, because the output layer's outlier columns are found by a forward pass (4 x 64
     tokens, every rank) through the converted layers."""
-    quantize_frozen(model, precision.frozen_weights, matmul,
-                    keep=frozenset(output_weights(model)))
-    if not precision.quantize_output_layer:
-        return
     seq = -(-64 // parallel.tp) * parallel.tp  # sequence parallelism splits it over TP
     batches = calibration_batches(info.model.vocab_size, seq)
-    quantize_logits_weights(model, precision.frozen_weights, matmul, precision.output_outliers,
-                            calibrate=lambda: forward_only(model, batches, seq, 1))
+    convert_frozen_weights(model, precision.frozen_weights, matmul,
+                           precision.quantize_output_layer, precision.output_outliers,
+                           calibrate=lambda: forward_only(model, batches, seq, 1))

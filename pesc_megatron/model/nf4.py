@@ -24,19 +24,11 @@ import torch
 from torchao.quantization import NF4Tensor
 from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
 
+from pesc_megatron.model.precision import NF4_BLOCK_SIZE as BLOCK_SIZE
+from pesc_megatron.model.precision import scaler_block_size
 from pesc_megatron.schema import ConfigError
 
-BLOCK_SIZE = 64  # values per absmax (QLoRA's default)
-MAX_SCALER_BLOCK = 256  # absmaxes per double-quantization scale (QLoRA's default)
 CHUNK_ELEMENTS = 2**18  # values quantized at a time (a multiple of BLOCK_SIZE)
-
-
-def scaler_block_size(numel: int) -> int:
-    """The double-quantization group: 256 blocks where that divides the tensor (torchao needs
-    whole groups), else the largest power of two that does (SmolLM2's 576 x 576: 64 blocks),
-    which only costs a few more scales."""
-    blocks = numel // BLOCK_SIZE
-    return next(g for g in (MAX_SCALER_BLOCK >> i for i in range(9)) if blocks % g == 0)
 
 
 def check_nf4_shape(shape: tuple[int, ...], name: str) -> None:

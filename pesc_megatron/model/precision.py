@@ -9,6 +9,10 @@ from pesc_megatron.schema import ConfigError, invalid
 
 FROZEN_WEIGHTS = ("fp32", "bf16", "fp8", "nf4")
 LOW_PRECISION = ("fp8", "nf4")  # stored in torchao tensors, computed in the model dtype
+# NF4's layout (model/nf4.py), here without torch for the planner: values per absmax, and
+# absmaxes per double-quantization scale at most (QLoRA's defaults).
+NF4_BLOCK_SIZE = 64
+NF4_MAX_SCALER_BLOCK = 256
 FP8_MATMULS = ("auto", "dequantize", "scaled_mm")
 TE_FP8_RECIPES = ("delayed", "tensorwise", "blockwise")  # megatron-core's fp8_recipe names
 
@@ -52,6 +56,14 @@ class PrecisionConfig:
             bad("fp8_margin", "must be >= 0")
         if self.fp8_amax_history_len < 1:
             bad("fp8_amax_history_len", "must be >= 1")
+
+
+def scaler_block_size(numel: int) -> int:
+    """NF4's double-quantization group for a shard of `numel` values: 256 blocks where that
+    divides the shard (torchao needs whole groups), else the largest power of two that does
+    (SmolLM2's 576 x 576: 64 blocks), which only costs a few more scales."""
+    blocks = numel // NF4_BLOCK_SIZE
+    return next(g for g in (NF4_MAX_SCALER_BLOCK >> i for i in range(9)) if blocks % g == 0)
 
 
 def validate_precision(p: PrecisionConfig, dtype: str) -> None:

@@ -9,9 +9,9 @@ trainable or tiny and keep their dtype. megatron-core runs frozen weights throug
 `LinearWithFrozenWeight`, whose forward is `input @ weight.t()` and backward
 `grad_output @ weight`; both tensors serve it.
 
-The loader (checkpoint/base.py) converts the decoder layers one by one as it loads them
-(`quantize_frozen` on each), so that only one layer is ever in high precision beside the
-converted ones, then the logits' weights (`quantize_logits_weights`).
+The loader (checkpoint/base.py) converts the decoder layers' frozen weights one matrix at a
+time as it loads them (`quantize_frozen` on each), so that the high-precision base shrinks as
+it loads, then the rest and the logits' weights (`convert_frozen_weights`).
 
 The logits' weights in low precision: a few hidden dimensions carry massive activations
 into the output layer (SmolLM2: one dimension's mean square is 840, the median's 1.2), so
@@ -71,9 +71,8 @@ def dense_rows(tensor: torch.Tensor, start: int, end: int) -> torch.Tensor:
 
 class OutlierColumns(torch.nn.Module):
     """The part of a low-precision output layer's weight that rounding takes away on the hidden
-    dimensions `index`, kept in high precision: `residual[v, j] = W[v, index[j]] - q(W)[v,
-    index[j]]`
-    for this rank's vocabulary rows. Hooked onto megatron-core's output layer, it adds
+    dimensions `index`, kept in high precision:
+    `residual[v, j] = W[v, index[j]] - q(W)[v, index[j]]` for this rank's vocabulary rows. Hooked onto megatron-core's output layer, it adds
     `hidden[..., index] @ residual.T` to the logits, gathering those columns of the hidden
     state as the layer gathers all of it (over the sequence with SP; the backward reduces the
     input gradient over TP either way)."""
