@@ -14,7 +14,7 @@ from pesc_megatron.train import preemption
 COMMANDS = {
     "convert": ("pesc_megatron.cli.convert", "Hugging Face <-> PESC checkpoints"),
     "train": ("pesc_megatron.cli.train", "instruction-tune a PESC checkpoint (YAML config)"),
-    "eval": ("pesc_megatron.cli.eval", "mean loss of a checkpoint on a data file"),
+    "eval": ("pesc_megatron.cli.eval", "mean loss on a data file, or lm-eval tasks (--tasks)"),
     "info": ("pesc_megatron.cli.info", "parameter counts (dense, routers, adapters, LoRA)"),
     "plan": ("pesc_megatron.cli.plan",
              "per-GPU memory of a training layout; suggests one that fits"),

@@ -33,7 +33,9 @@ def camelidae_config(info: CheckpointInfo) -> dict:
     p = info.pesc
     cfg.update(
         architectures=["CamelidaeForCausalLM"], model_type="camelidae",
+        # AutoModel too: vLLM's Transformers backend builds the base model through it
         auto_map={"AutoConfig": "configuration_camelidae.CamelidaeConfig",
+                  "AutoModel": "modeling_camelidae.CamelidaeModel",
                   "AutoModelForCausalLM": "modeling_camelidae.CamelidaeForCausalLM"},
         num_experts=p.num_experts, topk=p.topk, adapter_dim=p.adapter_dim,
         moe_scaling=p.adapter_scaling, moe_dtype=_hf_dtype(info.dtype),

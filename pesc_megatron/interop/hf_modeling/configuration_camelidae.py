@@ -13,6 +13,8 @@ from transformers import LlamaConfig
 @strict
 class CamelidaeConfig(LlamaConfig):
     model_type = "camelidae"
+    # the name MoE tooling (vLLM, Mixtral-style code) reads the router's k by
+    attribute_map = {**LlamaConfig.attribute_map, "num_experts_per_tok": "topk"}
 
     # Fields of the released Camelidae configs.
     num_experts: int = 8

@@ -31,11 +31,25 @@ from .configuration_camelidae import CamelidaeConfig
 
 class CamelidaeLinear(nn.Linear):
     """Bias-free Linear of the PESC path. HF's generic init (normal, std 0.02) would break the PESC recipe, so these
-    get torch's default init (router, adapter_down) or zeros (adapter_up: a fresh model equals the dense one)."""
+    get torch's default init (adapter_down; the router too) or zeros (adapter_up: a fresh model equals the dense one)."""
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init = zero_init
+
+
+class CamelidaeRouter(nn.Module):
+    """The router's weight [E, H] and its logits in at least fp32 (bf16 logits would flip near-tied
+    top-k choices). Not an nn.Linear: serving stacks that swap every Linear for their own kernels
+    (vLLM's Transformers backend) must leave it, and its dtype, alone."""
+
+    def __init__(self, hidden_size, num_experts):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, x):
+        dt = torch.promote_types(x.dtype, torch.float32)
+        return F.linear(x.to(dt), self.weight.to(dt))
 
 
 class CamelidaeAdapter(nn.Module):
@@ -78,7 +92,7 @@ class CamelidaeMoEAdapter(nn.Module):
         super().__init__()
         self.topk, self.routing, self.renormalize = config.topk, config.routing, config.renormalize
         self.scaling = config.moe_scaling
-        self.router = CamelidaeLinear(config.hidden_size, config.num_experts)
+        self.router = CamelidaeRouter(config.hidden_size, config.num_experts)
         self.experts = CamelidaeExperts(config)
         self.act = ACT2FN[config.adapter_act]
         self.dropout = nn.Dropout(config.adapter_dropout)
@@ -87,9 +101,9 @@ class CamelidaeMoEAdapter(nn.Module):
         """x: the MLP input (router input); f: the shared FFN output (experts' input). Returns the layer output."""
         shape = f.shape
         x, f = x.reshape(-1, shape[-1]), f.reshape(-1, shape[-1])
-        # Router in at least fp32: bf16 logits would flip near-tied top-k choices.
-        dt = torch.promote_types(x.dtype, torch.float32)
-        weights, idx = route(F.linear(x.to(dt), self.router.weight.to(dt)), self.topk, self.routing, self.renormalize)
+        logits = self.router(x)
+        dt = logits.dtype
+        weights, idx = route(logits, self.topk, self.routing, self.renormalize)
         out = torch.zeros(f.shape, dtype=dt, device=f.device)
         # One pass per expert over the tokens routed to it; dropout per (token, expert) as each expert has its own.
         for j in range(self.experts.num_experts):
@@ -140,7 +154,9 @@ class CamelidaePreTrainedModel(LlamaPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        if isinstance(module, CamelidaeLinear):
+        if isinstance(module, CamelidaeRouter):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))  # as CamelidaeLinear's default
+        elif isinstance(module, CamelidaeLinear):
             # Matched on the Linear itself: for custom code HF skips parents without direct parameters.
             if module.zero_init:
                 init.zeros_(module.weight)
