@@ -13,9 +13,9 @@ INSTALL_HINT = "lm-eval is not installed: pip install -e '.[eval]' (or pip insta
 
 
 def require_lm_eval() -> None:
-    """lm-eval importable, and quiet on every rank but 0 (each runs it on the same requests)."""
+    """lm-eval importable, and its log quiet on every rank but 0 (each runs it on the same
+    requests). Its progress bars still show on every rank: lm-eval enables them itself."""
     if os.environ.get("RANK", "0") != "0":
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm's own switch, read when a bar is made
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
         import lm_eval  # noqa: F401
