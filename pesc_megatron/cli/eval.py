@@ -135,7 +135,7 @@ def eval_tasks(ap, args) -> int:
         model, _ = checkpoint.load(args.ckpt, par, args.dtype, precision=precision,
                                    base=args.base, attention=args.attention)
         say(describe_frozen(model))
-        lm = PESCLM(Forward(model, args.batch_size, info.model.vocab_size), tokenizer,
+        lm = PESCLM(Forward(model, args.batch_size), tokenizer,
                     max_length, stop_ids)
         results = run_tasks(lm, manager, names, args.num_fewshot, args.limit,
                             args.log_samples, args.apply_chat_template,

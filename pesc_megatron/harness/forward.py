@@ -54,8 +54,8 @@ class Forward:
     """The PESC model (one pipeline stage of it on this rank), in eval mode, as a function of
     token sequences."""
 
-    def __init__(self, model, batch_size: int, vocab_size: int):
-        self.model, self.batch_size, self.vocab_size = model, batch_size, vocab_size
+    def __init__(self, model, batch_size: int):
+        self.model, self.batch_size = model, batch_size
         model.eval()
 
     @torch.no_grad()
@@ -86,7 +86,6 @@ class Forward:
 
         def score(logits):  # [n, vocab / TP] on the last stage
             picked = gather_from_tensor_model_parallel_region(logits.float())
-            picked = picked[:, :self.vocab_size]  # megatron may pad the vocabulary
             out = {"argmax": picked.argmax(-1)}
             if flat_targets is not None:
                 logp = torch.log_softmax(picked, dim=-1)

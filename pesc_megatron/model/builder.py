@@ -127,9 +127,9 @@ class PESCGPTModel(GPTModel):
                 or self.config.mtp_num_layers is not None:
             return super()._postprocess(hidden_states, labels=labels, loss_mask=loss_mask,
                                         **kwargs)
-        if labels is None:
-            return self._logits_at(hidden_states, loss_mask.t().bool(), batch_major=True)[:, 0]
         keep = loss_mask.t().bool()  # [s, b], the layout of hidden_states
+        if labels is None:
+            return self._logits_at(hidden_states, keep, batch_major=True)[:, 0]
         logits = self._logits_at(hidden_states, keep)
         loss = self.compute_language_model_loss(labels.t()[keep].unsqueeze(0), logits)
         return torch.zeros(keep.shape, dtype=loss.dtype, device=loss.device).masked_scatter(

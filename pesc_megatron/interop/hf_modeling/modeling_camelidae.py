@@ -31,7 +31,7 @@ from .configuration_camelidae import CamelidaeConfig
 
 class CamelidaeLinear(nn.Linear):
     """Bias-free Linear of the PESC path. HF's generic init (normal, std 0.02) would break the PESC recipe, so these
-    get torch's default init (adapter_down; the router too) or zeros (adapter_up: a fresh model equals the dense one)."""
+    get torch's default init (adapter_down) or zeros (adapter_up: a fresh model equals the dense one)."""
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
