@@ -14,6 +14,8 @@ from pesc_megatron.train import preemption
 COMMANDS = {
     "convert": ("pesc_megatron.cli.convert", "Hugging Face <-> PESC checkpoints"),
     "train": ("pesc_megatron.cli.train", "instruction-tune a PESC checkpoint (YAML config)"),
+    "preprocess": ("pesc_megatron.cli.preprocess",
+                   "tokenise a data source into a token store, offline, in N processes"),
     "eval": ("pesc_megatron.cli.eval", "mean loss on a data file, or lm-eval tasks (--tasks)"),
     "info": ("pesc_megatron.cli.info", "parameter counts (dense, routers, adapters, LoRA)"),
     "plan": ("pesc_megatron.cli.plan",

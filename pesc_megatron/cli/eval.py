@@ -20,7 +20,7 @@ import os
 from pesc_megatron.checkpoint import base as checkpoint
 from pesc_megatron.checkpoint.format import TOKENIZER, read_info
 from pesc_megatron.cli.args import add_parallel_args, add_precision_args, precision_from_args
-from pesc_megatron.data import build_dataset, load_tokenizer
+from pesc_megatron.data import LOSS_ON, build_dataset, load_tokenizer
 from pesc_megatron.model.attention import resolve_attention
 from pesc_megatron.model.quantized import describe_frozen
 from pesc_megatron.model.precision import check_fp8_machine, validate_precision
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="base or training checkpoint (or run folder)")
     what = ap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--data", nargs="+", help="JSONL/JSON files: their mean loss")
+    what.add_argument("--data", nargs="+", help="data files (JSONL/JSON, Parquet, Arrow, datasets "
+                      "folders, token stores): their mean loss")
     what.add_argument("--tasks", help="comma-separated lm-eval task names or task YAML files")
     ap.add_argument("--seq-length", type=int, default=1024,
                     help="longer samples are truncated (counted in the summary line)")
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                     "moved (default: the path the run recorded)")
     ap.add_argument("--tokenizer", help="default: the checkpoint's tokenizer/ folder")
     ap.add_argument("--cache-dir", help="token cache (default: none, tokenise in memory)")
+    ap.add_argument("--loss-on", choices=LOSS_ON, default="assistant",
+                    help="with --data: which turns are scored (data.loss_on)")
+    ap.add_argument("--chat-template", help="a Jinja file replacing the tokenizer's template")
     ap.add_argument("--attention", choices=ATTENTIONS, default="auto",
                     help="core attention (as model.attention): auto, sdpa, local or te")
     add_parallel_args(ap)
@@ -77,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--seq-length {args.seq_length} is not divisible by --tp {par.tp} (sequence "
                  "parallelism splits every sequence over the TP ranks)")
     precision, info = checked_setup(ap, args, par)
-    tokenizer = load_tokenizer(args.tokenizer or info.base / TOKENIZER)
+    tokenizer = load_tokenizer(args.tokenizer or info.base / TOKENIZER, args.chat_template)
     # Every rank reads the files itself: evaluation sets are small.
     dataset = build_dataset(args.data, tokenizer, args.seq_length, packing=args.packing,
-                            cache_dir=args.cache_dir)
+                            cache_dir=args.cache_dir, loss_on=args.loss_on)
     initialize(par)
     try:
         model, _ = checkpoint.load(args.ckpt, par, args.dtype, precision=precision,

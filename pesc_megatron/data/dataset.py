@@ -5,10 +5,11 @@
     ds[i]  # {"tokens", "labels", "loss_mask", "position_ids", "padding_mask": [s],
     #         "cu_seqlens": [samples + 1] (packed only)}
 
-Files: JSONL (one record a line, blank lines ignored; errors name `file:line`) or one JSON array
-(a file whose first non-blank character is `[`; errors name `file: record i`, 0-based).
+Sources (sources.py): JSONL / JSON arrays, Parquet, Arrow, `datasets` folders, and token
+stores written by `pesc preprocess` (store.py), each entry a path or `{path, weight, columns,
+split}`. Each is tokenised once into a token store (the cache) that every rank memory-maps.
 Bad records: `on_error="raise"` stops at the first with its DataError; `"skip"` drops them and
-counts them by reason in `stats.skipped` (a file that is not valid JSON as a whole always raises).
+counts them by reason in `stats.skipped` (a file that cannot be read at all always raises).
 Policies, in this order, each counted in `stats`:
 - empty target: a record with no target token (formats.py) is dropped (`empty_target`);
 - over-long, a sample of n ids needing n - 1 > seq_length positions: `overlong="truncate"`
@@ -27,14 +28,18 @@ n - 1 of the seq_length positions; no label ever crosses into another sample.
   attention reads the boundaries (model/attention.py).
 Both carry `padding_mask` [s] (True = padding), which keeps pad positions out of the router's
 balancing loss and load statistics.
-Cache: per file, `{stem}-{key}.npz` under cache_dir, key = sha256 of (file bytes, tokenizer
-identity, FORMAT_VERSION). Only tokenisation is cached, so other seq_length/policy/weight/seed
-settings reuse it; skipped records are stored too (a later on_error="raise" still raises).
-Written to a temp file and renamed, so readers never see half a file. The `builder` process
-writes missing caches, then everyone calls `barrier()` and reads them: pass builder = (rank == 0)
-and a real barrier when ranks share cache_dir (local rank 0 for a node-local one). A builder
-that raises (a bad record under on_error="raise") leaves the others at the barrier: the caller
-must abort the job.
+Cache: per source, the store `{stem}-{key}/` under cache_dir, key = sha256 of (the source's
+bytes, columns and split, tokenizer identity, loss policy, FORMAT_VERSION, STORE_VERSION). The
+sample plan (which samples, in which sequences) is cached beside it as `plan-{key}/` (.npy
+files, memory-mapped), keyed by the stores and every setting that changes it: a warm start
+reads both and computes nothing. Skipped records are counted in the store too (a later
+on_error="raise" still raises). Both are written to a hidden folder and renamed, so readers
+never see half of one. The `builder` process writes what is missing, then everyone calls
+`barrier()` and reads: pass builder = (rank == 0) and a real barrier when ranks share cache_dir
+(local rank 0 for a node-local one). A builder that raises (a bad record under
+on_error="raise") leaves the others at the barrier: the caller must abort the job.
+Memory: a rank holds maps of the store and plan files and touches only the sequences it reads;
+its own memory does not grow with the data (the page cache holds one copy per node).
 """
 from __future__ import annotations
 
@@ -42,27 +47,30 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from pesc_megatron.checkpoint.atomic import atomic_path
-from pesc_megatron.data.formats import FORMAT_VERSION, DataError, render_record
+from pesc_megatron.checkpoint.atomic import new_partial, publish
+from pesc_megatron.data.formats import LOSS_ON, DataError
+from pesc_megatron.data.sources import Source, parse_entry
+from pesc_megatron.data.store import TokenStore, check_store, memory_store, store_key, write_store
 from pesc_megatron.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # layout of the .npz files
+PLAN_VERSION = 1  # layout of the plan files
 ON_ERROR = ("raise", "skip")
 OVERLONG = ("truncate", "drop")
-FileSpec = Union[str, os.PathLike, tuple]  # path or (path, weight)
+FileSpec = Union[str, os.PathLike, tuple, dict]  # path, (path, weight) or a data entry dict
 
 
 @dataclass
 class DataStats:
-    records: int = 0  # records read (JSON values), including skipped ones
+    records: int = 0  # records read, including skipped ones
     skipped: dict = field(default_factory=dict)  # reason kind -> count
     skipped_examples: list = field(default_factory=list)  # first few "file:line: reason"
     empty_target: int = 0
@@ -79,92 +87,6 @@ class DataStats:
                 f"{self.truncated} truncated, {self.dropped_overlong} over-long dropped; "
                 f"{self.samples} samples in {self.sequences} sequences, {self.tokens} tokens, "
                 f"{self.target_tokens} targets")
-
-
-@dataclass
-class FileTokens:
-    """One file tokenised: sample k is ids[offsets[k]:offsets[k+1]] (likewise mask)."""
-
-    ids: np.ndarray  # int32
-    mask: np.ndarray  # uint8
-    offsets: np.ndarray  # int64, [samples + 1]
-    records: int
-    empty_target: int
-    skipped: list  # [where, kind, reason]
-
-
-def read_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
-    """(where, record) pairs; a line that is not JSON yields a DataError as its record."""
-    path = str(path)
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(path, f"not UTF-8 text ({e.reason} at byte {e.start})",
-                        "not UTF-8") from None
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}", f"invalid JSON: {e.msg}",
-                            "invalid JSON") from None
-        for i, r in enumerate(records):
-            yield f"{path}: record {i}", r
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{n}", DataError(f"{path}:{n}", f"invalid JSON: {e.msg}",
-                                               "invalid JSON")
-
-
-def tokenize_file(path: str | os.PathLike, tok: Tokenizer, on_error: str = "raise") -> FileTokens:
-    ids, mask, offsets, skipped = [], [], [0], []
-    records = empty = 0
-    for where, record in read_records(path):
-        records += 1
-        try:
-            if isinstance(record, DataError):
-                raise record
-            r_ids, r_mask = render_record(record, tok, where)
-        except DataError as e:
-            if on_error == "raise":
-                raise
-            skipped.append([e.where, e.kind, e.reason])
-            continue
-        if not any(r_mask):
-            empty += 1
-            continue
-        ids += r_ids
-        mask += r_mask
-        offsets.append(len(ids))
-    return FileTokens(np.asarray(ids, np.int32), np.asarray(mask, np.uint8),
-                      np.asarray(offsets, np.int64), records, empty, skipped)
-
-
-def cache_path(cache_dir: str | os.PathLike, path: str | os.PathLike, tok: Tokenizer) -> Path:
-    h = hashlib.sha256(f"{tok.identity}/{FORMAT_VERSION}/{CACHE_VERSION}\0".encode())
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return Path(cache_dir) / f"{Path(path).stem}-{h.hexdigest()[:24]}.npz"
-
-
-def save_tokens(ft: FileTokens, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps({"records": ft.records, "empty_target": ft.empty_target,
-                       "skipped": ft.skipped})
-    with atomic_path(target) as tmp, open(tmp, "wb") as f:  # readers: no file or all of it
-        np.savez(f, ids=ft.ids, mask=ft.mask, offsets=ft.offsets, meta=np.array(meta))
-
-
-def load_tokens(source: Path) -> FileTokens:
-    with np.load(source, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        return FileTokens(z["ids"], z["mask"], z["offsets"], meta["records"],
-                          meta["empty_target"], meta["skipped"])
 
 
 def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -189,20 +111,55 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+class Plan:
+    """Which samples, in which sequences: `samples` [N, 3] = (store, start, n_ids) in the mixed
+    order; packed, sequence i holds samples `items[bounds[i]:bounds[i+1]]`, else sample i."""
+
+    def __init__(self, samples: np.ndarray, items: Optional[np.ndarray],
+                 bounds: Optional[np.ndarray], stats: DataStats):
+        self.samples, self.items, self.bounds, self.stats = samples, items, bounds, stats
+
+    def __len__(self) -> int:
+        return len(self.samples) if self.bounds is None else len(self.bounds) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self.bounds is None:
+            return np.array([i])
+        return self.items[self.bounds[i]:self.bounds[i + 1]]
+
+    def save(self, out: Path) -> None:
+        partial = new_partial(out)
+        try:
+            np.save(partial / "samples.npy", self.samples)
+            if self.bounds is not None:
+                np.save(partial / "items.npy", self.items)
+                np.save(partial / "bounds.npy", self.bounds)
+            (partial / "stats.json").write_text(json.dumps(asdict(self.stats)))
+            publish(partial, out)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, folder: Path) -> "Plan":
+        arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") if (folder / f"{n}.npy").is_file()
+                  else None for n in ("samples", "items", "bounds")}
+        stats = DataStats(**json.loads((folder / "stats.json").read_text()))
+        return cls(arrays["samples"], arrays["items"], arrays["bounds"], stats)
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Sequences of seq_length positions; see the module docstring for the layout."""
 
-    def __init__(self, files: list[FileTokens], samples: np.ndarray, seq_length: int,
-                 packing: bool, pad_id: int, stats: DataStats):
-        self.files, self.samples = files, samples  # samples: [N, 3] = (file, start, n_ids)
-        self.seq_length, self.packing, self.pad_id, self.stats = seq_length, packing, pad_id, stats
-        positions = (samples[:, 2] - 1).tolist()
-        self.bins = first_fit(positions, seq_length) if packing else [[k] for k in
-                                                                     range(len(samples))]
-        stats.sequences = len(self.bins)
+    def __init__(self, stores: list[TokenStore], plan: Plan, seq_length: int, packing: bool,
+                 pad_id: int):
+        self.stores, self.plan, self.samples = stores, plan, plan.samples
+        self.seq_length, self.packing, self.pad_id, self.stats = (seq_length, packing, pad_id,
+                                                                  plan.stats)
+        self.bins = plan  # bins[i]: the sample indices of sequence i
 
     def __len__(self) -> int:
-        return len(self.bins)
+        return len(self.plan)
 
     def sample_boundaries(self, i: int) -> list[int]:
         """Start positions of sequence i's samples and the end of the last: [0, n0-1, ...]."""
@@ -216,11 +173,11 @@ class TokenDataset(torch.utils.data.Dataset):
         position_ids = np.arange(s)
         bounds = [0]
         for k in self.bins[i]:
-            f, start, n = self.samples[k]
+            f, start, n = (int(v) for v in self.samples[k])
             p = bounds[-1]
-            ids = self.files[f].ids[start:start + n]
+            ids = self.stores[f].ids[start:start + n]
             tokens[p:p + n - 1], labels[p:p + n - 1] = ids[:-1], ids[1:]
-            loss_mask[p:p + n - 1] = self.files[f].mask[start + 1:start + n]
+            loss_mask[p:p + n - 1] = self.stores[f].mask[start + 1:start + n]
             position_ids[p:p + n - 1] = np.arange(n - 1)
             bounds.append(p + n - 1)
         p = bounds[-1]
@@ -254,77 +211,131 @@ def collate(batch: list[dict]) -> dict:
 def build_dataset(files: Sequence[FileSpec], tokenizer: Tokenizer, seq_length: int,
                   packing: bool = False, cache_dir: Optional[str | os.PathLike] = None,
                   on_error: str = "raise", overlong: str = "truncate", seed: int = 0,
-                  builder: bool = True, barrier: Callable[[], None] = lambda: None
-                  ) -> TokenDataset:
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
-    if overlong not in OVERLONG:
-        raise ValueError(f"overlong must be one of {OVERLONG}, not {overlong!r}")
-    entries = [(f, 1.0) if isinstance(f, (str, os.PathLike)) else (f[0], float(f[1]))
-               for f in files]
-    for path, weight in entries:
-        if not Path(path).is_file():
-            raise DataError(str(path), "data file not found", "missing file")
-        if not weight > 0:
-            raise DataError(str(path), f"weight must be > 0, not {weight}", "bad weight")
-    caches = [cache_path(cache_dir, p, tokenizer) if cache_dir else None for p, _ in entries]
-    built: dict[int, FileTokens] = {}
+                  builder: bool = True, barrier: Callable[[], None] = lambda: None,
+                  loss_on: str = "assistant", num_workers: int = 1) -> TokenDataset:
+    for name, value, allowed in (("on_error", on_error, ON_ERROR), ("overlong", overlong,
+                                 OVERLONG), ("loss_on", loss_on, LOSS_ON)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
+    sources = [parse_entry(f) for f in files]
+    folders: list[Optional[Path]] = []
+    keys: list[Optional[str]] = []
+    for src in sources:
+        key = store_key(src, tokenizer, loss_on) if cache_dir and src.kind != "store" else None
+        keys.append(key)
+        folders.append(Path(src.path) if src.kind == "store" else
+                       Path(cache_dir) / f"{Path(src.path).stem}-{key}" if key else None)
+    stores: dict[int, TokenStore] = {}
     if builder:
-        for j, (path, _) in enumerate(entries):
-            if caches[j] is None or not caches[j].is_file():
-                built[j] = tokenize_file(path, tokenizer, on_error)
-                if caches[j] is not None:
-                    save_tokens(built[j], caches[j])
+        for j, (src, folder) in enumerate(zip(sources, folders)):
+            if folder is not None and not (folder / "store.json").is_file():
+                stores[j] = write_store(folder, src, tokenizer, loss_on, on_error, num_workers,
+                                        keys[j])
+    for j, (src, folder) in enumerate(zip(sources, folders)):
+        if folder is None:  # no cache to share: tokenise here
+            stores[j] = memory_store(src, tokenizer, loss_on, on_error, num_workers)
+    plan_dir = None
+    if cache_dir is not None:
+        h = hashlib.sha256(json.dumps([PLAN_VERSION, [_store_key(f) for f in folders],
+                                       [s.weight for s in sources], seq_length, packing,
+                                       on_error, overlong, seed]).encode())
+        plan_dir = Path(cache_dir) / f"plan-{h.hexdigest()[:24]}"
+    if builder and plan_dir is not None and not (plan_dir / "stats.json").is_file():
+        opened = [stores.get(j) or _open(folders[j], sources[j], tokenizer, loss_on)
+                  for j in range(len(sources))]
+        make_plan(sources, opened, seq_length, packing, on_error, overlong, seed).save(plan_dir)
     barrier()
-    loaded = []
-    for j, (path, _) in enumerate(entries):
-        if j not in built and caches[j] is None:  # no cache to share: tokenise here too
-            built[j] = tokenize_file(path, tokenizer, on_error)
-        if j not in built and not caches[j].is_file():
-            raise DataError(str(path), f"token cache {caches[j]} missing after the barrier "
-                            "(is cache_dir shared with the building rank?)", "missing cache")
-        loaded.append(built[j] if j in built else load_tokens(caches[j]))
-    return _assemble(entries, loaded, tokenizer, seq_length, packing, on_error, overlong, seed)
+    opened = []
+    for j, (src, folder) in enumerate(zip(sources, folders)):
+        if j in stores:
+            opened.append(stores[j])
+            continue
+        if not (folder / "store.json").is_file():
+            raise DataError(src.path, f"token store {folder} missing after the barrier (is "
+                            "cache_dir shared with the building rank?)", "missing cache")
+        opened.append(_open(folder, src, tokenizer, loss_on))
+    if plan_dir is None:
+        plan = make_plan(sources, opened, seq_length, packing, on_error, overlong, seed)
+    else:
+        for src, st in zip(sources, opened):
+            _check_skipped(src, st, on_error)
+        plan = Plan.load(plan_dir)
+    return TokenDataset(opened, plan, seq_length, packing, tokenizer.pad_id)
 
 
-def _assemble(entries, loaded: list[FileTokens], tok: Tokenizer, seq_length: int, packing: bool,
-              on_error: str, overlong: str, seed: int) -> TokenDataset:
+def _store_key(folder: Path) -> str:
+    """The key a store was written under (its content's identity), from its store.json."""
+    try:
+        return json.loads((folder / "store.json").read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return str(folder)  # not written yet (a non-builder rank): named by its key anyway
+
+
+def _open(folder: Path, src: Source, tok: Tokenizer, loss_on: str) -> TokenStore:
+    store = TokenStore.open(folder)
+    check_store(store, src.path, tok, loss_on)
+    return store
+
+
+def _check_skipped(src: Source, store: TokenStore, on_error: str) -> None:
+    if store.meta["skipped"] and on_error == "raise":  # cached by an earlier "skip" run
+        where, kind, reason = store.meta["skipped_examples"][0]
+        raise DataError(where, reason, kind)
+
+
+def make_plan(sources: list[Source], stores: list[TokenStore], seq_length: int, packing: bool,
+              on_error: str, overlong: str, seed: int) -> Plan:
+    """The policies, the weighted mix and the packing, over arrays (one pass per store)."""
     stats = DataStats()
     rng = np.random.default_rng(seed)
-    picked = []
-    for j, ((path, weight), ft) in enumerate(zip(entries, loaded)):
-        if ft.skipped and on_error == "raise":  # cached by an earlier on_error="skip" run
-            where, kind, reason = ft.skipped[0]
-            raise DataError(where, reason, kind)
-        stats.records += ft.records
-        stats.empty_target += ft.empty_target
-        for where, kind, reason in ft.skipped:
-            stats.skipped[kind] = stats.skipped.get(kind, 0) + 1
-            if len(stats.skipped_examples) < 5:
-                stats.skipped_examples.append(f"{where}: {reason}")
-        kept = []
-        for k in range(len(ft.offsets) - 1):
-            start, n = int(ft.offsets[k]), int(ft.offsets[k + 1] - ft.offsets[k])
-            if n - 1 > seq_length:
-                n = seq_length + 1
-                if overlong == "drop" or not ft.mask[start + 1:start + n].any():
-                    stats.dropped_overlong += 1
-                    continue
+    picked, targets = [], []
+    for j, (src, st) in enumerate(zip(sources, stores)):
+        _check_skipped(src, st, on_error)
+        stats.records += st.meta["records"]
+        stats.empty_target += st.meta["empty_target"]
+        for kind, count in st.meta["skipped"].items():
+            stats.skipped[kind] = stats.skipped.get(kind, 0) + count
+        stats.skipped_examples += [f"{w}: {r}" for w, _, r in st.meta["skipped_examples"]]
+        starts = np.asarray(st.offsets[:-1], np.int64)
+        n = np.diff(np.asarray(st.offsets, np.int64))
+        tgt = (np.add.reduceat(st.mask, starts, dtype=np.int64) if len(starts)
+               else np.zeros(0, np.int64))
+        keep = np.ones(len(n), bool)
+        for k in np.flatnonzero(n - 1 > seq_length):  # over-long: few, so one by one
+            head = int(st.mask[starts[k] + 1:starts[k] + seq_length + 1].sum())
+            if overlong == "drop" or not head:
+                keep[k] = False
+                stats.dropped_overlong += 1
+            else:
+                n[k], tgt[k] = seq_length + 1, head
                 stats.truncated += 1
-            kept.append((j, start, n))
-        whole, frac = int(weight), weight - int(weight)
-        extra = rng.choice(len(kept), round(frac * len(kept)), replace=False) if kept else []
-        picked += kept * whole + [kept[i] for i in sorted(extra)]
+        kept = np.stack([np.full(len(n), j), starts, n], axis=1)[keep]
+        tgt = tgt[keep]
+        whole, frac = int(src.weight), src.weight - int(src.weight)
+        extra = (np.sort(rng.choice(len(kept), round(frac * len(kept)), replace=False))
+                 if len(kept) else np.zeros(0, np.int64))
+        picked += [kept] * whole + [kept[extra]]
+        targets += [tgt] * whole + [tgt[extra]]
+    stats.skipped_examples = stats.skipped_examples[:5]
     if stats.skipped:
         log.warning("skipped %d bad records (%s), e.g. %s", sum(stats.skipped.values()),
                     ", ".join(f"{k}: {v}" for k, v in stats.skipped.items()),
                     stats.skipped_examples[0])
-    if not picked:
-        names = ", ".join(str(p) for p, _ in entries)
+    samples = np.concatenate(picked) if picked else np.zeros((0, 3), np.int64)
+    if not len(samples):
+        names = ", ".join(s.path for s in sources)
         raise DataError(names, "no sample with a trainable token (" + stats.summary() + ")",
                         "no targets")
-    samples = np.asarray(picked, np.int64)[rng.permutation(len(picked))]
+    order = rng.permutation(len(samples))
+    samples = samples[order]
     stats.samples = len(samples)
     stats.tokens = int((samples[:, 2] - 1).sum())
-    stats.target_tokens = int(sum(loaded[f].mask[s + 1:s + n].sum() for f, s, n in samples))
-    return TokenDataset(loaded, samples, seq_length, packing, tok.pad_id, stats)
+    stats.target_tokens = int(np.concatenate(targets)[order].sum())
+    items = bounds = None
+    if packing:
+        bins = first_fit((samples[:, 2] - 1).tolist(), seq_length)
+        items = np.fromiter((k for b in bins for k in b), np.int64, len(samples))
+        bounds = np.cumsum([0] + [len(b) for b in bins], dtype=np.int64)
+    plan = Plan(samples, items, bounds, stats)
+    stats.sequences = len(plan)
+    return plan

@@ -3,23 +3,29 @@
     tok = load_tokenizer(path)     # HF folder, checkpoint folder with tokenizer/, or x.model
     tok.encode(text)               # ids, never with special tokens
     tok.encode_default(text)       # what `tokenizer(text).input_ids` gives (the plain-text rule)
-    tok.chat_segments(messages)    # [(ids, is_target)], concatenating to the rendered chat
+    tok.chat_segments(messages)    # [(ids, owner)], concatenating to the rendered chat
 
-Chat rendering. A tokenizer with its own chat template (HF) renders through it; the targets are
-found by rendering incrementally: for each assistant message i, the ids of `messages[:i]` with
-the generation prompt, then of `messages[:i+1]`; the difference is that turn's content and its
-end of turn. The target is that difference up to and including its last EOS token (the
-template's end-of-turn, e.g. SmolLM2's `<|im_end|>`); what follows it (the `\\n` between turns)
-is not a target. Every rendering must extend the previous one token by token, so the
+Messages are `{"role", "content"}` dicts (roles system/user/assistant/tool); an assistant
+message may carry OpenAI-style `tool_calls` (`[{"type": "function", "function": {"name",
+"arguments": dict}}]`), and `tools` (function schemas) go to the template as HF's `tools=`.
+Segments are (ids, owner): owner is the index of the assistant message whose turn the ids are
+(its content, tool calls and end of turn: the candidate target), or -1 for everything else.
+
+Chat rendering. A tokenizer with a chat template (its own, or `chat_template=` text that
+replaces it) renders through it; the turns are found by rendering incrementally: for each
+assistant message i, the ids of `messages[:i]` with the generation prompt, then of
+`messages[:i+1]`; the difference is that turn. The turn runs up to and including its last EOS
+token (the template's end-of-turn, e.g. SmolLM2's `<|im_end|>`); what follows it (the `\\n`
+between turns) is glue. Every rendering must extend the previous one token by token, so the
 concatenated segments are exactly `encode(template(messages))`; a template that is not
-incremental is a ChatTemplateError rather than a silently wrong mask.
+incremental, or that drops an assistant message's tool_calls, is a ChatTemplateError rather
+than a silently wrong mask.
 
 Without a template (sentencepiece always) the built-in ChatML-like template is used:
 `[BOS] <|im_start|>{role}\\n{content}[EOS] <|im_start|>{role}\\n{content}[EOS] ...`, the markers
-as plain text and the end of each turn as the EOS id (plain text cannot produce a control id);
-targets are the assistant contents and their EOS.
-
-In both, an assistant message with empty content (after stripping) is not a target.
+as plain text and the end of each turn as the EOS id (plain text cannot produce a control id).
+Tool calls follow the assistant content as Hermes/Qwen2 `<tool_call>\\n{"name": ..., "arguments":
+...}\\n</tool_call>` lines; `tools` come first as a `<|im_start|>tools\\n{json}[EOS]` turn.
 """
 from __future__ import annotations
 
@@ -28,10 +34,14 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-Segments = list  # list[tuple[list[int], bool]]: (ids, is_target)
+from pesc_megatron.schema import UserError
+
+import json
+
+Segments = list  # list[tuple[list[int], int]]: (ids, owner: assistant message index or -1)
 
 BUILTIN_TEMPLATE_VERSION = 1  # part of a tokenizer's identity: bump when the built-in changes
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # Files that define an HF tokenizer; their bytes are its identity (model weights are not read).
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                        "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -66,20 +76,23 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return False
 
-    def chat_segments(self, messages: list[dict], add_generation_prompt: bool = False) -> Segments:
-        """`messages` ({"role", "content"} dicts, already validated) as (ids, is_target) segments.
-        With `add_generation_prompt` the result ends with the assistant header (for inference)."""
-        return _builtin_chat(self, messages, add_generation_prompt)
+    def chat_segments(self, messages: list[dict], add_generation_prompt: bool = False,
+                      tools: Optional[list] = None) -> Segments:
+        """`messages` (already validated) as (ids, owner) segments. With
+        `add_generation_prompt` the result ends with the assistant header (for inference)."""
+        return _builtin_chat(self, messages, add_generation_prompt, tools)
 
 
 class HFTokenizer(Tokenizer):
     kind = "hf"
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, chat_template: Optional[str] = None):
         from transformers import AutoTokenizer  # slow import: only when an HF tokenizer is used
 
         self.path = Path(folder)
         self.tok = AutoTokenizer.from_pretrained(str(folder))
+        if chat_template is not None:
+            self.tok.chat_template = chat_template
         self.bos_id = self.tok.bos_token_id
         if self.tok.eos_token_id is None:
             raise ValueError(f"{folder}: the tokenizer defines no EOS token")
@@ -87,7 +100,7 @@ class HFTokenizer(Tokenizer):
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
         self.vocab_size = len(self.tok)
         files = [self.path / n for n in HF_TOKENIZER_FILES if (self.path / n).is_file()]
-        self.identity = _hash_files(files, f"hf/{BUILTIN_TEMPLATE_VERSION}")
+        self.identity = _hash_files(files, f"hf/{BUILTIN_TEMPLATE_VERSION}", chat_template)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
@@ -102,15 +115,17 @@ class HFTokenizer(Tokenizer):
     def has_chat_template(self) -> bool:
         return bool(self.tok.chat_template)
 
-    def chat_segments(self, messages: list[dict], add_generation_prompt: bool = False) -> Segments:
+    def chat_segments(self, messages: list[dict], add_generation_prompt: bool = False,
+                      tools: Optional[list] = None) -> Segments:
         if not self.has_chat_template:
-            return _builtin_chat(self, messages, add_generation_prompt)
-        return _template_chat(self, messages, add_generation_prompt)
+            return _builtin_chat(self, messages, add_generation_prompt, tools)
+        return _template_chat(self, messages, add_generation_prompt, tools)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    def render(self, messages: list[dict], add_generation_prompt: bool,
+               tools: Optional[list] = None) -> list[int]:
         """ids of the template's text for `messages` (specials come from the text, none added)."""
         try:
-            text = self.tok.apply_chat_template(messages, tokenize=False,
+            text = self.tok.apply_chat_template(messages, tools=tools, tokenize=False,
                                                 add_generation_prompt=add_generation_prompt)
         except Exception as e:  # jinja's own errors (e.g. "roles must alternate")
             raise ChatTemplateError(f"chat template failed: {e}") from None
@@ -146,37 +161,62 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.decode(list(ids))
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+def load_tokenizer(path: str | os.PathLike, chat_template: Optional[str | os.PathLike] = None
+                   ) -> Tokenizer:
     """A `.model` file -> sentencepiece; a folder with a `tokenizer/` subfolder (a checkpoint)
-    -> HF on that subfolder; another folder -> HF."""
+    -> HF on that subfolder; another folder -> HF. `chat_template`: a Jinja file replacing the
+    HF tokenizer's template (a sentencepiece model cannot encode a template's special tokens
+    from text, so it keeps the built-in one)."""
     p = Path(path)
+    template = None
+    if chat_template is not None:
+        try:
+            template = Path(chat_template).read_text()
+        except OSError as e:
+            raise UserError(f"{chat_template}: chat template not readable ({e.strerror})"
+                            ) from None
     if p.is_file() and p.suffix == ".model":
+        if template is not None:
+            raise UserError(f"{chat_template}: a chat template needs an HF tokenizer folder; "
+                             f"{path} is a sentencepiece model (it uses the built-in template)")
         return SentencePieceTokenizer(p)
     if p.is_dir():
         sub = p / "tokenizer"
-        return HFTokenizer(sub if sub.is_dir() else p)
+        return HFTokenizer(sub if sub.is_dir() else p, template)
     raise FileNotFoundError(f"tokenizer not found: {path} (want an HF folder or a .model file)")
 
 
-def _hash_files(files: list[Path], kind: str) -> str:
+def _hash_files(files: list[Path], kind: str, extra: Optional[str] = None) -> str:
     h = hashlib.sha256(kind.encode())
     for f in sorted(files):
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    if extra is not None:  # a chat template override
+        h.update(b"template\0" + extra.encode())
     return h.hexdigest()
 
 
-def _builtin_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool) -> Segments:
-    segs: Segments = [([tok.bos_id], False)] if tok.bos_id is not None else []
-    for m in messages:
-        segs.append((tok.encode(f"<|im_start|>{m['role']}\n"), False))
-        is_target = m["role"] == "assistant" and bool(m["content"].strip())
-        segs.append((tok.encode(m["content"]) + [tok.eos_id], is_target))
+def _builtin_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool,
+                  tools: Optional[list] = None) -> Segments:
+    segs: Segments = [([tok.bos_id], -1)] if tok.bos_id is not None else []
+    if tools:
+        segs.append((tok.encode(f"<|im_start|>tools\n{json.dumps(tools)}") + [tok.eos_id], -1))
+    for i, m in enumerate(messages):
+        segs.append((tok.encode(f"<|im_start|>{m['role']}\n"), -1))
+        text = m["content"]
+        calls = [json.dumps({"name": c["function"]["name"],
+                             "arguments": c["function"]["arguments"]})
+                 for c in m.get("tool_calls") or ()]
+        if calls:
+            text = "\n".join(([m["content"]] if m["content"] else [])
+                             + [f"<tool_call>\n{c}\n</tool_call>" for c in calls])
+        segs.append((tok.encode(text) + [tok.eos_id], i if m["role"] == "assistant" else -1))
     if add_generation_prompt:
-        segs.append((tok.encode("<|im_start|>assistant\n"), False))
+        segs.append((tok.encode("<|im_start|>assistant\n"), -1))
     return segs
 
 
-def _template_chat(tok: HFTokenizer, messages: list[dict], add_generation_prompt: bool) -> Segments:
+def _template_chat(tok: HFTokenizer, messages: list[dict], add_generation_prompt: bool,
+                   tools: Optional[list] = None) -> Segments:
     segs: Segments = []
     done: list[int] = []  # ids rendered so far; every later rendering must extend them
 
@@ -189,16 +229,22 @@ def _template_chat(tok: HFTokenizer, messages: list[dict], add_generation_prompt
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = tok.render(messages[:i], add_generation_prompt=True)
-        segs.append((extend(prompt, i), False))
+        prompt = tok.render(messages[:i], True, tools)
+        segs.append((extend(prompt, i), -1))
         done = prompt
-        full = tok.render(messages[:i + 1], add_generation_prompt=False)
+        full = tok.render(messages[:i + 1], False, tools)
         turn = extend(full, i)
-        # The target ends with the turn's last EOS; the rest (e.g. "\n") is template glue.
+        if m.get("tool_calls"):
+            bare = tok.render(messages[:i] + [{**m, "tool_calls": []}], False, tools)
+            if bare == full:
+                raise ChatTemplateError(
+                    f"the chat template drops messages[{i}].tool_calls; set data.chat_template "
+                    "to a Jinja template that renders tool calls")
+        # The turn ends with its last EOS; the rest (e.g. "\n") is template glue.
         ends = [j for j, t in enumerate(turn) if t == tok.eos_id]
         cut = ends[-1] + 1 if ends else len(turn)
-        segs += [(turn[:cut], bool(m["content"].strip())), (turn[cut:], False)]
+        segs += [(turn[:cut], i), (turn[cut:], -1)]
         done = full
-    final = tok.render(messages, add_generation_prompt=add_generation_prompt)
-    segs.append((extend(final, len(messages)), False))
-    return [(ids, t) for ids, t in segs if ids]
+    final = tok.render(messages, add_generation_prompt, tools)
+    segs.append((extend(final, len(messages)), -1))
+    return [(ids, owner) for ids, owner in segs if ids]

@@ -17,9 +17,10 @@ def build_data(files: list, tokenizer, job: JobConfig, cache_dir: Path, packing:
     """Rank 0 tokenises (or reads the cache), then the others read its cache. A data error on
     rank 0 is sent to every rank, so that all of them stop with the same message."""
     d = job.data
-    specs = [f if isinstance(f, str) else (f["path"], f.get("weight", 1.0)) for f in files]
+    specs = list(files)
     kwargs = dict(seq_length=d.seq_length, packing=packing, cache_dir=cache_dir,
-                  on_error=d.on_error, overlong=d.overlong, seed=job.train.seed)
+                  on_error=d.on_error, overlong=d.overlong, seed=job.train.seed,
+                  loss_on=d.loss_on, num_workers=d.num_workers)
     error, dataset = [None], None
     if is_rank0():
         try:

@@ -17,6 +17,7 @@ from pesc_megatron.schema import ConfigError, from_dict
 SCHEDULES = ("constant_with_warmup", "cosine", "linear")
 RECOMPUTE = ("none", "selective", "full")
 ATTENTIONS = ("auto", "sdpa", "local", "te")  # model/attention.py
+LOSS_ON = ("assistant", "last", "all")  # data/formats.py (which imports torch: not here)
 EXPERT_IMPLS = ("grouped", "sequential")  # model/pesc_layer.py
 # PESC settings a training run may change; the rest are fixed by the checkpoint's weights.
 TRAIN_TIME_PESC = ("adapter_dropout", "aux_loss_coeff", "z_loss_coeff", "capacity_factor",
@@ -38,14 +39,21 @@ class TrainModelConfig:
 
 @dataclass
 class DataConfig:
-    train: list = dataclasses.field(default_factory=list)  # paths or {path, weight}
-    valid: list = dataclasses.field(default_factory=list)  # paths; evaluated every eval_interval
+    # paths or {path, weight, columns, split}: JSONL/JSON, Parquet, Arrow, datasets folders, or
+    # `pesc preprocess` stores (data/sources.py)
+    train: list = dataclasses.field(default_factory=list)
+    valid: list = dataclasses.field(default_factory=list)  # as train, without weight
     seq_length: int = 512
     packing: bool = True  # several samples per sequence, no attention across them
     on_error: str = "raise"  # raise | skip (bad records are counted and reported)
     overlong: str = "truncate"  # truncate | drop
     tokenizer: Optional[str] = None  # None: the checkpoint's tokenizer/ folder
     cache_dir: Optional[str] = None  # None: {train.out_dir}/token_cache
+    # the loss policy of turn formats: assistant (every assistant turn) | last (the last one
+    # only) | all (every token, prompts too); a turn with "weight": 0 is never a target
+    loss_on: str = "assistant"
+    chat_template: Optional[str] = None  # a Jinja file replacing the HF tokenizer's template
+    num_workers: int = 1  # tokenising processes (rank 0 only); 1: in the rank's own process
 
 
 @dataclass
@@ -184,15 +192,18 @@ def validate_job(job: JobConfig) -> None:
     if job.model.experts not in EXPERT_IMPLS:
         bad("model.experts", f"must be one of {', '.join(EXPERT_IMPLS)}")
     if not job.data.train:
-        raise ConfigError("data.train: required (a list of JSONL/JSON files)")
+        raise ConfigError("data.train: required (a list of data files)")
     for key in ("train", "valid"):
+        keys = {"path", "columns", "split"} | ({"weight"} if key == "train" else set())
         for i, entry in enumerate(getattr(job.data, key)):
             ok = isinstance(entry, str) or (
-                isinstance(entry, dict) and set(entry) <= {"path", "weight"} and "path" in entry
-                and isinstance(entry.get("weight", 1), (int, float)))
-            if not ok or (key == "valid" and not isinstance(entry, str)):
-                raise ConfigError(f"data.{key}[{i}]={entry!r}: expected a path"
-                                  + (" or {path, weight}" if key == "train" else ""))
+                isinstance(entry, dict) and set(entry) <= keys and "path" in entry
+                and isinstance(entry.get("weight", 1), (int, float))
+                and isinstance(entry.get("columns", {}), dict)
+                and isinstance(entry.get("split", ""), str))
+            if not ok:
+                raise ConfigError(f"data.{key}[{i}]={entry!r}: expected a path or "
+                                  f"{{{', '.join(sorted(keys))}}}")
     validate_precision(job.precision, job.model.dtype)
     if job.precision.fp8 is not None and job.lora.enabled:
         raise ConfigError(f"precision.fp8={job.precision.fp8} with lora.targets: LoRA on "
@@ -207,6 +218,12 @@ def validate_job(job: JobConfig) -> None:
         bad("data.on_error", "must be raise or skip")
     if job.data.overlong not in ("truncate", "drop"):
         bad("data.overlong", "must be truncate or drop")
+    if job.data.loss_on not in LOSS_ON:
+        bad("data.loss_on", f"must be one of {', '.join(LOSS_ON)}")
+    if job.data.num_workers < 1:
+        bad("data.num_workers", "must be >= 1")
+    if job.data.chat_template is not None and not Path(job.data.chat_template).is_file():
+        bad("data.chat_template", "is not a file")
     if job.optim.schedule not in SCHEDULES:
         bad("optim.schedule", f"must be one of {', '.join(SCHEDULES)}")
     for key in ("lr", "min_lr", "clip_grad", "weight_decay", "adam_eps"):

@@ -119,7 +119,8 @@ def run(job: JobConfig, config_source: dict) -> dict:
     num_mb = check_batch_layout(job, dist.get_world_size())
     mbs, gbs, seq = job.train.micro_batch_size, job.train.global_batch_size, job.data.seq_length
 
-    tokenizer = load_tokenizer(job.data.tokenizer or info.base / TOKENIZER)
+    tokenizer = load_tokenizer(job.data.tokenizer or info.base / TOKENIZER,
+                               job.data.chat_template)
     cache_dir = Path(job.data.cache_dir or out_dir / "token_cache")
     train_ds = build_data(job.data.train, tokenizer, job, cache_dir, job.data.packing)
     valid_ds = (build_data(job.data.valid, tokenizer, job, cache_dir, job.data.packing)

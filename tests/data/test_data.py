@@ -221,7 +221,7 @@ def test_bad_line_names_file_and_line(sp, tmp_path):
     with pytest.raises(DataError, match=rf"^{a}: record 1: unknown record format"):
         build_dataset([a], sp, seq_length=16)
     (tmp_path / "bin.jsonl").write_bytes(b'{"text": "\xff"}\n')
-    with pytest.raises(DataError, match="bin.jsonl: not UTF-8"):
+    with pytest.raises(DataError, match="bin.jsonl:1: not UTF-8"):
         build_dataset([tmp_path / "bin.jsonl"], sp, seq_length=16)
     with pytest.raises(DataError, match="data file not found"):
         build_dataset([tmp_path / "missing.jsonl"], sp, seq_length=16)
@@ -368,7 +368,8 @@ def test_cache_reused_and_invalidated(sp, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     calls = count_calls(sp, monkeypatch)
     first = build_dataset([f], sp, seq_length=48, packing=True, cache_dir=cache)
-    assert calls and len(list(cache.iterdir())) == 1  # one .npz, no temp file left
+    # one store and one plan, no hidden partial folder left
+    assert calls and sorted(p.name[:2] for p in cache.iterdir()) == ["d-", "pl"]
     calls.clear()
     barriers = []
     second = build_dataset([f], sp, seq_length=48, packing=True, cache_dir=cache,
@@ -382,7 +383,7 @@ def test_cache_reused_and_invalidated(sp, tmp_path, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a)
     write_jsonl(f, mixed_records()[:5])  # a changed file is a new key
     third = build_dataset([f], sp, seq_length=48, cache_dir=cache)
-    assert calls and third.stats.records == 5 and len(list(cache.glob("*.npz"))) == 2
+    assert calls and third.stats.records == 5 and len(list(cache.glob("d-*/store.json"))) == 2
     with pytest.raises(DataError, match="missing after the barrier"):
         build_dataset([f], sp, seq_length=48, cache_dir=tmp_path / "elsewhere", builder=False)
 
