@@ -236,7 +236,8 @@ def build_dataset(files: Sequence[FileSpec], tokenizer: Tokenizer, seq_length: i
             stores[j] = memory_store(src, tokenizer, loss_on, on_error, num_workers)
     plan_dir = None
     if cache_dir is not None:
-        h = hashlib.sha256(json.dumps([PLAN_VERSION, [_store_key(f) for f in folders],
+        idents = [k or _store_key(f) for k, f in zip(keys, folders)]  # (no race: see below)
+        h = hashlib.sha256(json.dumps([PLAN_VERSION, idents,
                                        [s.weight for s in sources], seq_length, packing,
                                        on_error, overlong, seed]).encode())
         plan_dir = Path(cache_dir) / f"plan-{h.hexdigest()[:24]}"
@@ -264,11 +265,13 @@ def build_dataset(files: Sequence[FileSpec], tokenizer: Tokenizer, seq_length: i
 
 
 def _store_key(folder: Path) -> str:
-    """The key a store was written under (its content's identity), from its store.json."""
+    """A given store's key (its content's identity), from its store.json: it exists before the
+    run (a cached store's key is known before it is written, so no rank waits for it)."""
     try:
         return json.loads((folder / "store.json").read_text())["key"]
     except (OSError, ValueError, KeyError):
-        return str(folder)  # not written yet (a non-builder rank): named by its key anyway
+        raise DataError(str(folder), "not a readable token store (store.json)", "bad store") \
+            from None
 
 
 def _open(folder: Path, src: Source, tok: Tokenizer, loss_on: str) -> TokenStore:

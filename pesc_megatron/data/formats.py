@@ -182,6 +182,8 @@ def _messages(record: dict) -> list[dict]:
         msg = {"role": role, "content": content}
         if calls:
             msg["tool_calls"] = _tool_calls(calls, f"messages[{i}].tool_calls")
+        if role == "tool":  # some templates (Mistral's) render which call a result answers
+            msg.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
         if "weight" in m:
             msg["weight"] = m["weight"]
         out.append(msg)

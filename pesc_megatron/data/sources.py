@@ -135,7 +135,7 @@ def chunk_records(chunk: Chunk) -> Iterator[tuple[str, Any]]:
     if chunk.kind == "records":
         rows, label = chunk.payload, f"{chunk.path}: record {{}}"
     else:
-        rows, label = (_drop_nulls(r) for r in chunk.payload.to_pylist()), f"{chunk.path}:row {{}}"
+        rows, label = _arrow_rows(chunk.payload), f"{chunk.path}:row {{}}"
     for i, record in enumerate(rows, chunk.first):
         where = label.format(i)
         try:
@@ -155,6 +155,35 @@ def _mapped(record: Any, columns: dict, where: str) -> Any:
     out = {k: v for k, v in record.items() if k not in columns.values()}
     out.update({name: record[col] for name, col in columns.items()})
     return out
+
+
+def _arrow_rows(batch) -> list[dict]:
+    """The batch's rows as Python values: nulls dropped, and JSON-typed values (`datasets`
+    stores lists of differently keyed objects as the `arrow.json` extension type) parsed."""
+    rows = batch.to_pylist()
+    for name, typ in zip(batch.schema.names, batch.schema.types):
+        if _has_json(typ):
+            for r in rows:
+                r[name] = _parse_json(r[name], typ)
+    return [_drop_nulls(r) for r in rows]
+
+
+def _has_json(typ) -> bool:
+    if getattr(typ, "extension_name", None) == "arrow.json":
+        return True
+    return any(_has_json(typ.field(i).type) for i in range(typ.num_fields))
+
+
+def _parse_json(value: Any, typ) -> Any:
+    if value is None:
+        return None
+    if getattr(typ, "extension_name", None) == "arrow.json":
+        return json.loads(value)
+    if isinstance(value, list):  # list types: one child, the item type
+        return [_parse_json(v, typ.field(0).type) for v in value]
+    if isinstance(value, dict):
+        return {k: _parse_json(v, typ.field(k).type) for k, v in value.items()}
+    return value
 
 
 def _drop_nulls(value: Any) -> Any:

@@ -55,8 +55,8 @@ def _duration(seconds: float) -> str:
 
 # Settings that define the stream of global batches: a resume must not change them.
 DATA_STREAM_KEYS = (("data", "train"), ("data", "seq_length"), ("data", "packing"),
-                    ("data", "overlong"), ("data", "on_error"), ("train", "global_batch_size"),
-                    ("train", "seed"))
+                    ("data", "overlong"), ("data", "on_error"), ("data", "loss_on"),
+                    ("data", "chat_template"), ("train", "global_batch_size"), ("train", "seed"))
 
 
 def check_resumable(latest: Path, state: dict, job: JobConfig, info) -> None:
@@ -82,9 +82,11 @@ def check_resumable(latest: Path, state: dict, job: JobConfig, info) -> None:
                           f"{job.lora.shape()} (use a new train.out_dir)")
     for section, key in DATA_STREAM_KEYS:
         now = getattr(getattr(job, section), key)
-        if saved[section][key] != now:
+        # (a run saved before a key existed was trained with its default)
+        then = saved[section].get(key, getattr(getattr(JobConfig(), section), key))
+        if then != now:
             raise ConfigError(
-                f"{section}.{key}={now!r}: {latest} was trained with {saved[section][key]!r}; "
+                f"{section}.{key}={now!r}: {latest} was trained with {then!r}; "
                 "the data order would change (use a new train.out_dir)")
 
 

@@ -52,6 +52,26 @@ def test_sigkill_between_checkpoints_resumes_bit_exact(job, reference):
             assert got[step][key] == want[step][key], (step, key)
 
 
+def test_parquet_and_preprocessed_store_train_as_the_jsonl(job, reference, tmp_path):
+    """The reference run again, its train set read from Parquet by 2 tokenising workers and its
+    valid set from a `pesc preprocess` store: every loss equal to the JSONL run's."""
+    import datasets
+
+    from pesc_megatron.cli import preprocess
+
+    root, ckpt, config = job
+    datasets.Dataset.from_json(str(root / "train.jsonl")).to_parquet(str(tmp_path / "t.parquet"))
+    assert preprocess.main(["--input", str(root / "valid.jsonl"), "--tokenizer", str(ckpt),
+                            "--output", str(tmp_path / "valid")]) == 0
+    out = tmp_path / "run"
+    train(2, config, f"train.out_dir={out}", "train.profile_step=3", "data.num_workers=2",
+          f"data.train=[{tmp_path / 't.parquet'}]", f"data.valid=[{tmp_path / 'valid'}]")
+    rows = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    keys = ("step", "loss", "lm_loss", "aux_loss", "grad_norm", "valid_loss", "valid_tokens")
+    got, want = ([{k: r[k] for k in keys if k in r} for r in rows(d)] for d in (out, reference))
+    assert got == want and any("valid_loss" in r for r in got)
+
+
 def test_kill_during_checkpoint_write_keeps_previous(job, reference):
     root, _, config = job
     out = root / "killed_in_save"
