@@ -1,7 +1,8 @@
 """The training data as global batches: built once by rank 0 (the others read its token
-cache), ordered independently of the parallel layout, split into this rank's micro-batches."""
+cache; a node with a node-local cache builds its own), ordered independently of the parallel layout, split into this rank's micro-batches."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,26 +15,38 @@ from pesc_megatron.train.config import JobConfig
 
 
 def build_data(files: list, tokenizer, job: JobConfig, cache_dir: Path, packing: bool):
-    """Rank 0 tokenises (or reads the cache), then the others read its cache. A data error on
-    rank 0 is sent to every rank, so that all of them stop with the same message."""
+    """Rank 0 tokenises (or reads the cache), then the others read its cache. On another node
+    whose local rank 0 does not see rank 0's cache (a node-local cache_dir), that rank builds
+    the node's own copy first. A data error on a building rank is sent to every rank, so that
+    all of them stop with the same message."""
     d = job.data
-    specs = list(files)
     kwargs = dict(seq_length=d.seq_length, packing=packing, cache_dir=cache_dir,
                   on_error=d.on_error, overlong=d.overlong, seed=job.train.seed,
                   loss_on=d.loss_on, num_workers=d.num_workers)
-    error, dataset = [None], None
-    if is_rank0():
+    dataset = None
+
+    def build() -> list:
+        nonlocal dataset
         try:
-            dataset = build_dataset(specs, tokenizer, builder=True, **kwargs)
+            dataset = build_dataset(files, tokenizer, builder=True, **kwargs)
         except DataError as e:
-            error = [str(e)]
+            return [str(e)]
         except OSError as e:  # e.g. an unwritable cache_dir: still stop every rank
-            error = [f"{e.filename or cache_dir}: {e.strerror or e}"]
+            return [f"{e.filename or cache_dir}: {e.strerror or e}"]
+        return [None]
+
+    error = build() if is_rank0() else [None]
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise DataError("", error[0])
+    # builds only what this node is missing: nothing where cache_dir is shared
+    mine = build() if not is_rank0() and int(os.environ.get("LOCAL_RANK", 0)) == 0 else [None]
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, mine[0])
+    if any(errors):
+        raise DataError("", next(e for e in errors if e))
     if dataset is None:
-        dataset = build_dataset(specs, tokenizer, builder=False, **kwargs)
+        dataset = build_dataset(files, tokenizer, builder=False, **kwargs)
     return dataset
 
 

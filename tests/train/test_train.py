@@ -215,7 +215,7 @@ def test_resume_refuses_a_changed_data_order(job, reference):
 def test_two_node_launch_matches_one_node(job):
     """Two launcher invocations (NNODES=2, 2 ranks each) form one 4-rank job (EP=2, i.e. two
     expert-data-parallel groups; dense DP=4) that trains to the same losses as one 4-rank
-    launch, with the distributed optimizer."""
+    launch, with the distributed optimizer, each node building its own node-local token cache."""
     root, _, config = job
     args = ["train", str(config), "parallel.ep=2", "train.iters=3", "train.save_interval=0",
             "optim.distributed=true"]
@@ -226,14 +226,16 @@ def test_two_node_launch_matches_one_node(job):
     assert one_run.returncode == 0, one_run.stderr[-3000:]
     two = root / "two_nodes"
     port = str(free_port())
-    nodes = [subprocess.Popen(
-        ["launch/torchrun.sh", *args, f"train.out_dir={two}"], cwd=ROOT, env=dict(
+    nodes = [subprocess.Popen(  # each node with a node-local token cache of its own
+        ["launch/torchrun.sh", *args, f"train.out_dir={two}",
+         f"data.cache_dir={root / f'local_cache_{rank}'}"], cwd=ROOT, env=dict(
             ENV, NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
             GPUS_PER_NODE="2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in (0, 1)]
     outputs = [n.communicate(timeout=600)[0] for n in nodes]
     assert all(n.returncode == 0 for n in nodes), outputs[0][-3000:] + outputs[1][-3000:]
     assert "world 4 (tp 1, pp 1, ep 2, dp 4)" in outputs[0]
+    assert all(len(list((root / f"local_cache_{r}").glob("*/store.json"))) == 2 for r in (0, 1))
     got, want = history(two), history(one)
     assert sorted(got) == [1, 2, 3]
     for step in got:

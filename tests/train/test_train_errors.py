@@ -46,6 +46,13 @@ def test_overrides_and_yaml_types(setup):
     (["model.checkpoint=''"], r"job.yaml: model.checkpoint: required"),
     (["parallel.tp=3", "data.seq_length=64"], r"data.seq_length=64: is not divisible by "
                                               r"parallel.tp=3 \(sequence parallelism"),
+    (["data.loss_on=turns"], r"data.loss_on='turns': must be one of assistant, last, all"),
+    (["data.num_workers=0"], r"data.num_workers=0: must be >= 1"),
+    (["data.chat_template=/nope.jinja"], r"data.chat_template='/nope.jinja': is not a file"),
+    (["data.train=[{path: a.parquet, colums: {}}]"], r"data.train\[0\]=.*: expected a path or "
+                                                     r"\{columns, path, split, weight\}"),
+    (["data.valid=[{path: a.jsonl, weight: 2}]"], r"data.valid\[0\]=.*: expected a path or "
+                                                  r"\{columns, path, split\}"),
 ])
 def test_config_errors(setup, overrides, message):
     with pytest.raises(ConfigError, match=message) as e:
