@@ -11,9 +11,8 @@
 
 `rss` builds the training data as `pesc train` does (rank 0 tokenises, or reads the cache; the
 others read the cache), then reads `--batches` global batches of this rank's micro-batches, and
-reports each rank's RSS, PSS and USS (psutil) before the data, after building it and after
-reading: the data side is the difference. RSS counts the pages of the memory-mapped store a rank
-has touched; PSS divides shared pages among the processes mapping them; USS is private memory.
+reports each rank's RSS, PSS and USS (psutil) and RssAnon/RssFile (/proc) before the data,
+after building it and after reading: the data side is the difference.
 """
 from __future__ import annotations
 
@@ -56,8 +55,7 @@ def rss_worker(args) -> None:
 
     from pesc_megatron.data import collate, load_tokenizer
     from pesc_megatron.train.batches import GlobalBatches, build_data
-    from pesc_megatron.train.config import JobConfig
-    from pesc_megatron.schema import from_dict
+    from pesc_megatron.train.config import DataConfig, JobConfig, TrainConfig
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -65,12 +63,16 @@ def rss_worker(args) -> None:
 
     def mem() -> dict:
         m = proc.memory_full_info()
-        return {k: round(getattr(m, k) / 2 ** 20, 1) for k in ("rss", "pss", "uss")}
+        out = {k: round(getattr(m, k) / 2 ** 20, 1) for k in ("rss", "pss", "uss")}
+        for line in Path("/proc/self/status").read_text().splitlines():  # RSS by kind
+            if line.startswith(("RssAnon:", "RssFile:")):
+                out[line.split(":")[0].lower()] = round(int(line.split()[1]) / 1024, 1)
+        return out
 
     tok = load_tokenizer(args.tokenizer)
-    job = from_dict(JobConfig, {"data": {"train": [args.data], "seq_length": args.seq_length,
-                                         "num_workers": args.workers},
-                                "train": {"global_batch_size": args.gbs}})
+    job = JobConfig(data=DataConfig(train=[args.data], seq_length=args.seq_length,
+                                    num_workers=args.workers),
+                    train=TrainConfig(global_batch_size=args.gbs))
     before = mem()
     t0 = time.perf_counter()
     ds = build_data(job.data.train, tok, job, Path(args.cache_dir), True)
@@ -100,8 +102,8 @@ def run_rss(args) -> dict:
     if res.returncode:
         raise SystemExit(res.stdout[-2000:] + res.stderr[-3000:])
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    out["data_side_mib"] = [{k: round(r["read"][k] - r["before"][k], 1)
-                             for k in ("rss", "pss", "uss")} for r in out["ranks"]]
+    out["data_side_mib"] = [{k: round(r["read"][k] - r["before"][k], 1) for k in r["read"]}
+                            for r in out["ranks"]]
     out.update(bench="rss", data=args.data, batches=args.batches)
     return out
 

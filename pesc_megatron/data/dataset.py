@@ -38,8 +38,8 @@ never see half of one. The `builder` process writes what is missing, then everyo
 `barrier()` and reads: pass builder = (rank == 0) and a real barrier when ranks share cache_dir
 (local rank 0 for a node-local one). A builder that raises (a bad record under
 on_error="raise") leaves the others at the barrier: the caller must abort the job.
-Memory: a rank holds maps of the store and plan files and touches only the sequences it reads;
-its own memory does not grow with the data (the page cache holds one copy per node).
+Memory: a rank reads the store and plan files sample by sample (`os.pread`, store.FileArray):
+its memory does not grow with the data, and the page cache holds one copy per node.
 """
 from __future__ import annotations
 
@@ -58,7 +58,14 @@ import torch
 from pesc_megatron.checkpoint.atomic import new_partial, publish
 from pesc_megatron.data.formats import LOSS_ON, DataError
 from pesc_megatron.data.sources import Source, parse_entry
-from pesc_megatron.data.store import TokenStore, check_store, memory_store, store_key, write_store
+from pesc_megatron.data.store import (
+    FileArray,
+    TokenStore,
+    check_store,
+    memory_store,
+    store_key,
+    write_store,
+)
 from pesc_megatron.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -125,7 +132,8 @@ class Plan:
     def __getitem__(self, i: int) -> np.ndarray:
         if self.bounds is None:
             return np.array([i])
-        return self.items[self.bounds[i]:self.bounds[i + 1]]
+        start, stop = self.bounds[i:i + 2]
+        return self.items[int(start):int(stop)]
 
     def save(self, out: Path) -> None:
         partial = new_partial(out)
@@ -142,7 +150,8 @@ class Plan:
 
     @classmethod
     def load(cls, folder: Path) -> "Plan":
-        arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") if (folder / f"{n}.npy").is_file()
+        """Read row by row (FileArray): a rank holds none of it in memory."""
+        arrays = {n: FileArray.npy(folder / f"{n}.npy") if (folder / f"{n}.npy").is_file()
                   else None for n in ("samples", "items", "bounds")}
         stats = DataStats(**json.loads((folder / "stats.json").read_text()))
         return cls(arrays["samples"], arrays["items"], arrays["bounds"], stats)
@@ -163,7 +172,8 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def sample_boundaries(self, i: int) -> list[int]:
         """Start positions of sequence i's samples and the end of the last: [0, n0-1, ...]."""
-        return np.concatenate([[0], np.cumsum(self.samples[self.bins[i], 2] - 1)]).tolist()
+        lengths = [int(self.samples[k][2]) - 1 for k in self.bins[i]]
+        return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).tolist()
 
     def __getitem__(self, i: int) -> dict:
         s = self.seq_length
@@ -301,7 +311,7 @@ def make_plan(sources: list[Source], stores: list[TokenStore], seq_length: int, 
         stats.skipped_examples += [f"{w}: {r}" for w, _, r in st.meta["skipped_examples"]]
         starts = np.asarray(st.offsets[:-1], np.int64)
         n = np.diff(np.asarray(st.offsets, np.int64))
-        tgt = (np.add.reduceat(st.mask, starts, dtype=np.int64) if len(starts)
+        tgt = (np.add.reduceat(np.asarray(st.mask), starts, dtype=np.int64) if len(starts)
                else np.zeros(0, np.int64))
         keep = np.ones(len(n), bool)
         for k in np.flatnonzero(n - 1 > seq_length):  # over-long: few, so one by one

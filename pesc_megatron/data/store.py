@@ -7,8 +7,10 @@ A store is a folder:
 - `offsets.bin`: int64 [samples + 1], sample k is `ids[offsets[k]:offsets[k+1]]`;
 - `store.json`: what was read and how (tokenizer identity, loss policy, format version, source),
   and its counts: records, empty targets, skipped records by reason with the first examples.
-Every reader maps the files read-only (`np.memmap`), so all ranks of a node share one copy in
-the page cache and a rank's memory does not grow with the data. Why not megatron-core's
+Readers take each sample with `os.pread` (FileArray) instead of mapping the files: the kernel's
+page cache holds one copy per node, shared by its ranks, and no process maps it, so a rank's
+resident memory does not grow with the data or with what it has read (a map would count every
+page touched, and readahead touches most of a randomly read file). Why not megatron-core's
 `IndexedDataset`: it holds one dtype per `.bin`, so the mask would need a second dataset with
 its own index duplicating the first; three flat arrays need no index at all and no
 megatron-core import to write (`pesc preprocess` runs anywhere).
@@ -56,9 +58,60 @@ class ChunkTokens:
     error: Optional[tuple] = None  # (where, reason, kind): the first bad record, on_error=raise
 
 
+class FileArray:
+    """A 1-D or 2-D array stored in a file (raw, or the data of a .npy), read by `os.pread`:
+    `a[i]` and `a[i:j]` read just those rows; `np.asarray(a)` maps the whole file (for one-off
+    passes over all of it). The descriptor opens lazily in each process (forked workers too)."""
+
+    def __init__(self, path: str | os.PathLike, dtype, shape: tuple, offset: int = 0):
+        self.path, self.dtype, self.shape, self.offset = str(path), np.dtype(dtype), shape, offset
+        self.row = self.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        self._fd, self._pid = None, None
+
+    @classmethod
+    def raw(cls, path: Path, dtype) -> "FileArray":
+        return cls(path, dtype, (path.stat().st_size // np.dtype(dtype).itemsize,))
+
+    @classmethod
+    def npy(cls, path: Path) -> "FileArray":
+        m = np.load(path, mmap_mode="r")
+        return cls(path, m.dtype, m.shape, m.offset)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        count = max(0, stop - start)
+        data = os.pread(self._fd, count * self.row, self.offset + start * self.row)
+        return np.frombuffer(data, self.dtype).reshape((count,) + self.shape[1:])
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"index {key} out of range for {len(self)} rows")
+            row = self._read(i, i + 1)[0]
+            return row if row.ndim else row[()]
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(len(self))
+            return self._read(start, stop)
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None):
+        if not len(self):
+            return np.zeros(self.shape, dtype or self.dtype)
+        m = np.memmap(self.path, self.dtype, "r", self.offset, self.shape)
+        return m if dtype is None else m.astype(dtype)
+
+    def __getstate__(self):  # no descriptor across processes
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+
 @dataclass
 class TokenStore:
-    ids: np.ndarray
+    ids: np.ndarray  # (or FileArray: a store on disk)
     mask: np.ndarray
     offsets: np.ndarray
     meta: dict = field(default_factory=dict)
@@ -79,14 +132,9 @@ class TokenStore:
                             f"pesc reads {STORE_VERSION}: run `pesc preprocess` again",
                             "bad store")
 
-        def mapped(name: str, dtype) -> np.ndarray:
-            path = folder / name
-            if path.stat().st_size == 0:
-                return np.zeros(0, dtype)
-            return np.memmap(path, dtype=dtype, mode="r")
-
-        return cls(mapped("ids.bin", np.dtype(meta["ids_dtype"])), mapped("mask.bin", np.uint8),
-                   mapped("offsets.bin", np.int64), meta)
+        return cls(FileArray.raw(folder / "ids.bin", np.dtype(meta["ids_dtype"])),
+                   FileArray.raw(folder / "mask.bin", np.uint8),
+                   FileArray.raw(folder / "offsets.bin", np.int64), meta)
 
 
 def store_key(src: Source, tok: Tokenizer, loss_on: str) -> str:

@@ -3,6 +3,7 @@ both tokenizer kinds (SmolLM2's HF tokenizer and a sentencepiece model trained h
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -344,7 +345,7 @@ def test_cache_reused_and_invalidated(sp, tmp_path, monkeypatch):
                            builder=False, barrier=lambda: barriers.append(1))
     other_len = build_dataset([f], sp, seq_length=32, cache_dir=cache)  # same tokens
     assert not calls and barriers == [1]
-    assert (first.samples == second.samples).all() and first.stats == second.stats
+    assert np.array_equal(first.samples, second.samples) and first.stats == second.stats
     assert len(other_len) == other_len.stats.samples
     for i in range(len(first)):
         a, b = first[i], second[i]

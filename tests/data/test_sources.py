@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pesc_megatron.data import DataError, TokenStore, build_dataset, load_tokenizer
+from pesc_megatron.data.store import FileArray
 from tests.conftest import needs_smollm2
 from tests.data.conftest import write_jsonl
 from tests.helpers.tiny import ROOT
@@ -127,7 +128,7 @@ def test_preprocess_store_is_the_jsonl_dataset(sp, tmp_path):
     assert preprocess.main(["--input", str(f), "--tokenizer", str(sp.path), "--output",
                             str(out)]) == 0
     store = TokenStore.open(out)
-    assert store.meta["records"] == 31 and isinstance(store.ids, np.memmap)
+    assert store.meta["records"] == 31 and isinstance(store.ids, FileArray)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "store"]
     same_dataset(build_dataset([out], sp, seq_length=16, packing=True, cache_dir=tmp_path / "c"),
                  build_dataset([f], sp, seq_length=16, packing=True))
