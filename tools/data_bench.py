@@ -111,7 +111,7 @@ def run_rss(args) -> dict:
 def run_first_step(args) -> dict:
     """`pesc train CONFIG` with the data replaced, until its first step's log line."""
     rows = {}
-    for cache in ("cold", "warm"):
+    for cache in args.caches.split(","):
         if cache == "cold":
             shutil.rmtree(args.cache_dir, ignore_errors=True)
         out = Path(tempfile.mkdtemp(dir=args.tmp))
@@ -158,6 +158,8 @@ def main() -> None:
             p.add_argument("--gbs", type=int, default=32)
         if name == "first-step":
             p.add_argument("--config", required=True)
+            p.add_argument("--caches", default="cold,warm",
+                           help="cold (the cache folder is deleted first) and/or warm")
             p.add_argument("overrides", nargs="*", help="more key=value for pesc train")
     args = ap.parse_args()
     if args.bench == "_rss_worker":
