@@ -7,7 +7,7 @@
 
 Sources (sources.py): JSONL / JSON arrays, Parquet, Arrow, `datasets` folders, and token
 stores written by `pesc preprocess` (store.py), each entry a path or `{path, weight, columns,
-split}`. Each is tokenised once into a token store (the cache) that every rank memory-maps.
+split}`. Each is tokenised once into a token store (the cache) that every rank reads in place.
 Bad records: `on_error="raise"` stops at the first with its DataError; `"skip"` drops them and
 counts them by reason in `stats.skipped` (a file that cannot be read at all always raises).
 Policies, in this order, each counted in `stats`:
@@ -31,7 +31,7 @@ balancing loss and load statistics.
 Cache: per source, the store `{stem}-{key}/` under cache_dir, key = sha256 of (the source's
 bytes, columns and split, tokenizer identity, loss policy, FORMAT_VERSION, STORE_VERSION). The
 sample plan (which samples, in which sequences) is cached beside it as `plan-{key}/` (.npy
-files, memory-mapped), keyed by the stores and every setting that changes it: a warm start
+files, read row by row), keyed by the stores and every setting that changes it: a warm start
 reads both and computes nothing. Skipped records are counted in the store too (a later
 on_error="raise" still raises). Both are written to a hidden folder and renamed, so readers
 never see half of one. The `builder` process writes what is missing, then everyone calls

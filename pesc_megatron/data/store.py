@@ -1,4 +1,4 @@
-"""The token store: one source tokenised, memory-mapped by every reader.
+"""The token store: one source tokenised, read in place by every rank.
 
 A store is a folder:
 - `ids.bin`: every kept sample's token ids end to end (uint16 when the vocabulary fits, else
