@@ -269,7 +269,7 @@ def build_dataset(files: Sequence[FileSpec], tokenizer: Tokenizer, seq_length: i
         plan = make_plan(sources, opened, seq_length, packing, on_error, overlong, seed)
     else:
         for src, st in zip(sources, opened):
-            _check_skipped(src, st, on_error)
+            _check_skipped(st, on_error)
         plan = Plan.load(plan_dir)
     return TokenDataset(opened, plan, seq_length, packing, tokenizer.pad_id)
 
@@ -290,7 +290,7 @@ def _open(folder: Path, src: Source, tok: Tokenizer, loss_on: str) -> TokenStore
     return store
 
 
-def _check_skipped(src: Source, store: TokenStore, on_error: str) -> None:
+def _check_skipped(store: TokenStore, on_error: str) -> None:
     if store.meta["skipped"] and on_error == "raise":  # cached by an earlier "skip" run
         where, kind, reason = store.meta["skipped_examples"][0]
         raise DataError(where, reason, kind)
@@ -303,7 +303,7 @@ def make_plan(sources: list[Source], stores: list[TokenStore], seq_length: int, 
     rng = np.random.default_rng(seed)
     picked, targets = [], []
     for j, (src, st) in enumerate(zip(sources, stores)):
-        _check_skipped(src, st, on_error)
+        _check_skipped(st, on_error)
         stats.records += st.meta["records"]
         stats.empty_target += st.meta["empty_target"]
         for kind, count in st.meta["skipped"].items():

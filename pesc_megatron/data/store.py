@@ -116,10 +116,6 @@ class TokenStore:
     offsets: np.ndarray
     meta: dict = field(default_factory=dict)
 
-    @property
-    def samples(self) -> int:
-        return len(self.offsets) - 1
-
     @classmethod
     def open(cls, folder: str | os.PathLike) -> "TokenStore":
         folder = Path(folder)
