@@ -23,6 +23,9 @@ setup(
         # which fixes three of its NF4 ops). torchao's tensor APIs still move between minor
         # releases: the tested one.
         "torchao>=0.18,<0.19",
+        # data/sources.py: Parquet and Arrow files (pyarrow), `save_to_disk` folders (datasets).
+        "pyarrow>=15",
+        "datasets>=2.19",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.0"],
