@@ -2,6 +2,7 @@
 cache; a node with a node-local cache builds its own), ordered independently of the parallel layout, split into this rank's micro-batches."""
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 
@@ -13,12 +14,18 @@ from pesc_megatron.data import DataError, build_dataset, collate
 from pesc_megatron.parallel.distributed import is_rank0
 from pesc_megatron.train.config import JobConfig
 
+# How long the other ranks wait for a cold build: tokenising a million conversations takes tens
+# of minutes, longer than the process group's 30-minute timeout. A building rank that dies
+# still ends the job at once (torchrun stops the others).
+BUILD_TIMEOUT = datetime.timedelta(hours=24)
+
 
 def build_data(files: list, tokenizer, job: JobConfig, cache_dir: Path, packing: bool):
     """Rank 0 tokenises (or reads the cache), then the others read its cache. On another node
     whose local rank 0 does not see rank 0's cache (a node-local cache_dir), that rank builds
     the node's own copy first. A data error on a building rank is sent to every rank, so that
-    all of them stop with the same message."""
+    all of them stop with the same message. The ranks wait for the builds on a gloo group of
+    their own, with `BUILD_TIMEOUT`."""
     d = job.data
     kwargs = dict(seq_length=d.seq_length, packing=packing, cache_dir=cache_dir,
                   on_error=d.on_error, overlong=d.overlong, seed=job.train.seed,
@@ -35,16 +42,21 @@ def build_data(files: list, tokenizer, job: JobConfig, cache_dir: Path, packing:
             return [f"{e.filename or cache_dir}: {e.strerror or e}"]
         return [None]
 
-    error = build() if is_rank0() else [None]
-    dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise DataError("", error[0])
-    # builds only what this node is missing: nothing where cache_dir is shared
-    mine = build() if not is_rank0() and int(os.environ.get("LOCAL_RANK", 0)) == 0 else [None]
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, mine[0])
-    if any(errors):
-        raise DataError("", next(e for e in errors if e))
+    group = dist.new_group(backend="gloo", timeout=BUILD_TIMEOUT)
+    try:
+        error = build() if is_rank0() else [None]
+        dist.broadcast_object_list(error, src=0, group=group)
+        if error[0] is not None:
+            raise DataError("", error[0])
+        # builds only what this node is missing: nothing where cache_dir is shared
+        local0 = not is_rank0() and int(os.environ.get("LOCAL_RANK", 0)) == 0
+        mine = build() if local0 else [None]
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, mine[0], group=group)
+        if any(errors):
+            raise DataError("", next(e for e in errors if e))
+    finally:
+        dist.destroy_process_group(group)
     if dataset is None:
         dataset = build_dataset(files, tokenizer, builder=False, **kwargs)
     return dataset

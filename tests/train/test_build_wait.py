@@ -1,0 +1,44 @@
+"""The other ranks wait for a cold data build longer than the process group's timeout: a
+million-record build takes tens of minutes, the default group gives up after 30."""
+import datetime
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from pesc_megatron.data import load_tokenizer
+from pesc_megatron.train import batches
+from pesc_megatron.train.config import DataConfig, JobConfig, TrainModelConfig
+from tests.helpers import tiny
+from tests.helpers.workers import spawn
+
+# starts processes (torch.multiprocessing)
+pytestmark = pytest.mark.multiprocess
+
+GROUP_TIMEOUT_S, BUILD_S = 2, 5
+
+
+def slow_build_worker(ckpt: str, data: str, cache: str) -> None:
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+    real = batches.build_dataset
+
+    def slow(*args, builder, **kwargs):
+        if builder:
+            time.sleep(BUILD_S)  # rank 0 builds for longer than the group's timeout
+        return real(*args, builder=builder, **kwargs)
+
+    batches.build_dataset = slow
+    job = JobConfig(model=TrainModelConfig(checkpoint=ckpt), data=DataConfig(train=[data]))
+    dataset = batches.build_data([data], load_tokenizer(f"{ckpt}/tokenizer"), job,
+                                 Path(cache), packing=True)
+    assert len(dataset) > 0
+    dist.barrier()  # the default group still works afterwards
+    dist.destroy_process_group()
+
+
+def test_ranks_wait_for_a_build_longer_than_the_group_timeout(tmp_path):
+    ckpt = tiny.make_checkpoint(tmp_path)
+    data = tiny.write_jsonl(tmp_path / "records.jsonl",
+                            [{"text": " ".join(tiny.WORDS[:8])}] * 4)
+    spawn(slow_build_worker, 2, str(ckpt), str(data), str(tmp_path / "cache"))
