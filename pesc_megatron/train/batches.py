@@ -14,9 +14,10 @@ from pesc_megatron.data import DataError, build_dataset, collate
 from pesc_megatron.parallel.distributed import is_rank0
 from pesc_megatron.train.config import JobConfig
 
-# How long the other ranks wait for a cold build: tokenising a million conversations takes tens
-# of minutes, longer than the process group's 30-minute timeout. A building rank that dies
-# still ends the job at once (torchrun stops the others).
+# How long the other ranks wait for a cold build. Tokenising a million conversations takes 5 to
+# 30 minutes on 2 cores (docs/data.md), more with more data or fewer workers: not a hang for
+# `train.dist_timeout_minutes` (default 60) to catch. A building rank that dies still ends the
+# job at once (its sockets close; torchrun stops the others).
 BUILD_TIMEOUT = datetime.timedelta(hours=24)
 
 

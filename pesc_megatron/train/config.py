@@ -81,7 +81,7 @@ class TrainConfig:
     save_interval: int = 0  # 0: only at the end
     keep_last: int = 2  # training checkpoints kept (older ones are deleted)
     out_dir: str = "runs/pesc"
-    dist_timeout_minutes: int = 60  # collectives' timeout; rank 0 tokenises while others wait
+    dist_timeout_minutes: int = 60  # collectives' timeout (the wait for a data build has its own)
     profile_step: int = 0  # >0: this step runs under torch.profiler (train/profile.py)
     # true: the LM loss is every loss token's loss over the global batch's loss tokens, the
     # same objective at any micro-batch size and layout; false: megatron-core's default, the

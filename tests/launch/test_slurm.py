@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.multiprocess,
               pytest.mark.skipif(slurm.unavailable() is not None,
                                  reason=slurm.unavailable() or "")]
 
-ITERS = 100
-SIGNAL_AT = 10  # the step after which the test signals the job
+ITERS = 150
+SIGNAL_AT = 3  # the step after which the test signals the job (the rest take several seconds)
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +40,13 @@ def logged(log, text: str) -> bool:
     return log.exists() and text in log.read_text()
 
 
-def test_signal_before_the_time_limit_checkpoints_requeues_and_resumes_bit_exact(cluster, tmp_path):
+def test_signal_before_time_limit_saves_requeues_and_resumes_bit_exact(cluster, tmp_path):
     config = tiny.ep2_job(tmp_path, 64, iters=ITERS)
     reference, out, log = tmp_path / "reference", tmp_path / "slurm_run", tmp_path / "job.out"
     train(2, config, f"train.out_dir={reference}")
     submit = cluster.run(
         "sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2",
-        "--time=10", f"--output={log}", "--job-name=pesc-test",
+        "--time=30", f"--output={log}", "--job-name=pesc-test",
         "launch/slurm.sbatch", str(config), f"train.out_dir={out}", cwd=ROOT,
         env=ENV)
     assert submit.returncode == 0, submit.stderr
@@ -69,7 +69,11 @@ def test_signal_before_the_time_limit_checkpoints_requeues_and_resumes_bit_exact
     # its last line, the final metrics (the log is appended to: --open-mode=append)
     wait_for(lambda: logged(log, f'{{"step": {ITERS}, '), 600,
              "the requeued job did not finish", log)
+    # and ends without another preemption
+    wait_for(lambda: cluster.job_state(job) in ("", "COMPLETING", "COMPLETED"), 60,
+             "the requeued job did not end", log)
     text = log.read_text()
+    assert text.count("requeueing job") == 1, text[-3000:]
     assert f"resumed from {out / 'checkpoints' / f'iter_{step:07d}'} at step {step}" in text
     got, want = history(out), history(reference)
     assert sorted(got) == list(range(1, ITERS + 1)), text[-3000:]
