@@ -21,13 +21,15 @@ import sys
 import time
 
 # name: (model dtype, precision.frozen_weights, precision.quantize_output_layer,
-#        precision.output_outliers); "bf16+fp8" and "bf16+nf4" are the defaults
-VARIANTS = {"fp32": ("fp32", None, True, 32), "bf16": ("bf16", None, True, 32),
-            "fp8": ("fp32", "fp8", True, 32), "bf16+fp8": ("bf16", "fp8", True, 32),
-            "bf16+fp8,no-outliers": ("bf16", "fp8", True, 0),
-            "bf16+fp8,output-kept": ("bf16", "fp8", False, 32),
-            "nf4": ("fp32", "nf4", True, 32), "bf16+nf4": ("bf16", "nf4", True, 32),
-            "bf16+nf4,output-kept": ("bf16", "nf4", False, 32)}
+#        precision.output_outliers, precision.linear_outliers); "bf16+fp8" and "bf16+nf4"
+#        are the defaults
+VARIANTS = {"fp32": ("fp32", None, True, 32, 16), "bf16": ("bf16", None, True, 32, 16),
+            "fp8": ("fp32", "fp8", True, 32, 16), "bf16+fp8": ("bf16", "fp8", True, 32, 16),
+            "bf16+fp8,no-outliers": ("bf16", "fp8", True, 0, 16),
+            "bf16+fp8,output-kept": ("bf16", "fp8", False, 32, 16),
+            "nf4": ("fp32", "nf4", True, 32, 16), "bf16+nf4": ("bf16", "nf4", True, 32, 16),
+            "bf16+nf4,no-linear-outliers": ("bf16", "nf4", True, 32, 0),
+            "bf16+nf4,output-kept": ("bf16", "nf4", False, 32, 16)}
 LOW_BF16 = [v for v in VARIANTS if v.startswith(("bf16+fp8", "bf16+nf4"))]
 
 
@@ -40,7 +42,7 @@ def measure(ckpt: str, variant: str) -> dict:
     from pesc_megatron.parallel.config import ParallelConfig
     from pesc_megatron.parallel.distributed import destroy, initialize
 
-    dtype, frozen, output_layer, outliers = VARIANTS[variant]
+    dtype, frozen, output_layer, outliers, linear_outliers = VARIANTS[variant]
     initialize(ParallelConfig())
     gc.collect()
     before = psutil.Process().memory_info().rss
@@ -48,7 +50,8 @@ def measure(ckpt: str, variant: str) -> dict:
     model, _ = checkpoint.load(ckpt, ParallelConfig(), dtype,
                                precision=PrecisionConfig(frozen_weights=frozen,
                                                          quantize_output_layer=output_layer,
-                                                         output_outliers=outliers))
+                                                         output_outliers=outliers,
+                                                         linear_outliers=linear_outliers))
     load_s = time.perf_counter() - start
     gc.collect()
     # glibc keeps freed memory (here: the weights before conversion) for reuse; give it back
@@ -78,10 +81,10 @@ def main() -> None:
                              check=True, capture_output=True, text=True).stdout
         rows[variant] = json.loads(out.strip().splitlines()[-1])
     mib = 2**20
-    print(f"{'variant':20} {'frozen MiB':>10} {'RSS model MiB':>13} {'peak RSS MiB':>12} "
+    print(f"{'variant':27} {'frozen MiB':>10} {'RSS model MiB':>13} {'peak RSS MiB':>12} "
           f"{'load s':>6}")
     for v, r in rows.items():
-        print(f"{v:20} {r['frozen_bytes'] / mib:10.1f} {r['rss_model'] / mib:13.1f} "
+        print(f"{v:27} {r['frozen_bytes'] / mib:10.1f} {r['rss_model'] / mib:13.1f} "
               f"{r['peak_rss'] / mib:12.1f} {r['load_s']:6.1f}")
     bf16 = rows["bf16"]
     ratios = {f"{key}_{v}_over_bf16": rows[v][key] / bf16[key]

@@ -102,16 +102,18 @@ def frozen_bytes(job: Job, lay: Layout, stage: int) -> int:
     h, f, v, tp = m.hidden_size, m.intermediate_size, m.vocab_size, lay.tp
     q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
 
-    def matrix(rows: int, cols: int) -> int:  # FP8: 1 byte each + an fp32 scale per row
-        if job.frozen_weights == "nf4":
-            return nf4_bytes(rows * cols, a)
+    def matrix(rows: int, cols: int, layer: bool = True) -> int:
+        if job.frozen_weights == "nf4":  # a layer's linears keep some columns exact (+ index)
+            kept = min(PrecisionConfig().linear_outliers, cols) if layer else 0
+            return nf4_bytes(rows * cols, a) + kept * (rows * a + 8)
+        # FP8: 1 byte each + an fp32 scale per row
         return rows * cols + 4 * rows if job.frozen_weights == "fp8" else rows * cols * a
 
     per_layer = (matrix((q + 2 * kv) // tp, h) + matrix(h, q // tp)  # qkv, proj
                  + matrix(2 * f // tp, h) + matrix(h, f // tp)  # fc1 (gate, up), fc2
                  + ((q + 2 * kv) // tp if m.attention_bias else 0) * a + 2 * h * a)
     total = _layers(job, lay) * per_layer
-    table = matrix(v // tp, h)
+    table = matrix(v // tp, h, layer=False)
     if stage == 0:
         total += table
     if stage == lay.pp - 1:

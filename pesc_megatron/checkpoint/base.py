@@ -22,6 +22,7 @@ from pesc_megatron.checkpoint.format import (
     write_meta,
 )
 from pesc_megatron.checkpoint.sharded import (
+    read_shard,
     save_sharded,
     sharded_roles,
     trainable_sharded_state_dict,
@@ -33,6 +34,8 @@ from pesc_megatron.model.quantized import (
     QUANTIZED_MODULES,
     calibration_batches,
     convert_frozen_weights,
+    input_mean_squares,
+    keep_linear_columns,
     quantize_frozen,
     resolve_matmul,
 )
@@ -173,12 +176,38 @@ def load_groups(model, state: dict, roles: dict, by_weight: bool):
 
 def quantize_rest(model, info: CheckpointInfo, parallel: ParallelConfig,
                   precision: PrecisionConfig, matmul: str) -> None:
-    """What the grouped load left in high precision (an untied embedding; with
-    `precision.quantize_output_layer`, the logits' weights): converted once the model is
-    complete, because the output layer's outlier columns are found by a forward pass (4 x 64
-    tokens, every rank) through the converted layers."""
+    """What the grouped load left: NF4 linears' exact columns (`keep_linear_outliers`), then
+    the high-precision rest (an untied embedding; with `precision.quantize_output_layer`, the
+    logits' weights), converted once the model is complete, because the output layer's
+    outlier columns are found by a forward pass (4 x 64 tokens, every rank) through the
+    converted layers."""
     seq = -(-64 // parallel.tp) * parallel.tp  # sequence parallelism splits it over TP
     batches = calibration_batches(info.model.vocab_size, seq)
+
+    def calibrate():
+        forward_only(model, batches, seq, 1)
+
+    if precision.frozen_weights == "nf4" and precision.linear_outliers > 0:
+        keep_linear_outliers(model, info, precision.linear_outliers, calibrate)
     convert_frozen_weights(model, precision.frozen_weights, matmul,
                            precision.quantize_output_layer, precision.output_outliers,
-                           calibrate=lambda: forward_only(model, batches, seq, 1))
+                           calibrate=calibrate)
+
+
+def keep_linear_outliers(model, info: CheckpointInfo, count: int, calibrate) -> None:
+    """Every NF4 linear of the decoder layers keeps its `count` costliest input columns exact
+    (`keep_linear_columns`): their inputs' mean squares come from a calibration pass through
+    the converted layers, their high-precision values from a second read of the base, one
+    layer's matrix at a time (in `fill`'s order of groups, the same on every rank; every rank
+    has as many layers in each)."""
+    entries = model.sharded_state_dict()
+    groups = [(modules, group) for modules, group in
+              load_groups(model, entries, sharded_roles(model, entries), by_weight=True)
+              if modules]
+    linears = {name: model.get_submodule(name) for modules, _ in groups for name in modules}
+    input_ms = input_mean_squares(linears, calibrate)
+    for _, group in groups:
+        for key, entry in group.items():
+            name = key.rsplit(".", 1)[0]
+            exact = read_shard(entry, info.base / WEIGHTS)  # the model's weight is NF4 now
+            keep_linear_columns(linears[name], exact, input_ms[name], count)

@@ -2,14 +2,23 @@
 writes its shards into a hidden folder that becomes the checkpoint only when complete."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from pesc_megatron.checkpoint.atomic import new_partial, publish
 from pesc_megatron.checkpoint.format import WEIGHTS
@@ -90,3 +99,46 @@ def trainable_sharded_state_dict(model, with_lora: bool = True,
     return {k: v for k, v in entries.items()
             if roles[k] is not None and torch.is_tensor(getattr(v, "data", None))
             and (with_lora or roles[k] != "lora")}
+
+
+class _RegionPlanner(DefaultLoadPlanner):
+    """torch.distributed.checkpoint's planner, reading only the given regions of the saved
+    tensors: `regions` = [(key, offsets in the saved tensor, destination tensor)]."""
+
+    def __init__(self, regions: list):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.regions = regions
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for i, (key, offsets, dest) in enumerate(self.regions):
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.size())
+            for item in create_read_items_for_chunk_list(
+                    key, self.metadata.state_dict_metadata[key], [chunk]):
+                # Two regions may read one key (SwiGLU's halves): destinations by position
+                # (plain tensors; the read item's offsets narrow them).
+                items.append(dataclasses.replace(item, dest_index=MetadataIndex(str(i))))
+        return LoadPlan(items)
+
+
+def read_shard(entry, folder: Path) -> torch.Tensor:
+    """This rank's part of one entry of a sharded state dict (a ShardedTensor, or a factory
+    such as megatron-core's SwiGLU one), read from the torch_dist checkpoint `folder` into a
+    fresh tensor, and
+    nothing else: no collective, and of a tensor that stacks all layers only this layer's
+    region (dist_checkpointing.load reads whole stacked tensors in a one-rank world and merges
+    factories through a copy)."""
+    data = torch.empty(entry.data.shape, dtype=entry.data.dtype, device=entry.data.device)
+    entry = dataclasses.replace(entry, data=data)
+    parts = entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]
+    regions = []
+    for sh in nested_values(parts):
+        assert sh.flattened_range is None, sh.key
+        sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+        regions.append((sh.key, sh.global_offset, sh.data.view(sizes)))
+    state = {str(i): dest for i, (_, _, dest) in enumerate(regions)}
+    with warnings.catch_warnings():  # "... assuming ... a single process": this rank's read
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)),
+                 planner=_RegionPlanner(regions), no_dist=True)
+    return data

@@ -80,7 +80,8 @@ def lora_from_args(args, lora: LoRAConfig, default_rank: int | None = None) -> L
     return dataclasses.replace(lora, rank=rank, targets=lora.targets or list(LORA_TARGETS))
 
 
-PRECISION_FLAGS = ("frozen_weights", "fp8_matmul", "quantize_output_layer", "output_outliers")
+PRECISION_FLAGS = ("frozen_weights", "fp8_matmul", "quantize_output_layer", "output_outliers",
+                   "linear_outliers")
 
 
 def add_precision_args(ap) -> None:
@@ -95,7 +96,9 @@ def add_precision_args(ap) -> None:
                     "quantize_output_layer": "with --frozen-weights fp8|nf4: the output layer "
                     "(or tied embedding) too",
                     "output_outliers": "with --quantize-output-layer: hidden columns of the "
-                    "output layer kept in high precision"})
+                    "output layer kept in high precision",
+                    "linear_outliers": "with --frozen-weights nf4: input columns of each layer "
+                    "linear kept in high precision"})
 
 
 def precision_from_args(args) -> PrecisionConfig:

@@ -30,6 +30,9 @@ class PrecisionConfig:
     # `output_outliers` of their hidden columns in high precision (model/quantized.py)
     quantize_output_layer: bool = True
     output_outliers: int = 32
+    # frozen_weights=nf4: input columns of each decoder linear's weight kept exact (the
+    # costliest for its output: model/quantized.py); fp8 keeps none (its rounding is finer)
+    linear_outliers: int = 16
     fp8: Optional[str] = None  # Transformer Engine FP8 recipe (GPU with TE only)
     fp8_margin: int = 0  # TE: scale = max representable / (amax * 2^margin)
     fp8_amax_history_len: int = 1  # TE delayed scaling: amaxes kept per tensor
@@ -52,6 +55,8 @@ class PrecisionConfig:
                 "weights); choose one")
         if self.output_outliers < 0:
             bad("output_outliers", "must be >= 0 (0: the whole output layer in low precision)")
+        if self.linear_outliers < 0:
+            bad("linear_outliers", "must be >= 0 (0: every column of the layers in NF4)")
         if self.fp8_margin < 0:
             bad("fp8_margin", "must be >= 0")
         if self.fp8_amax_history_len < 1:

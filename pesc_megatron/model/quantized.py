@@ -21,6 +21,13 @@ carry 85% of its variance). Their rounding residual is kept in the model dtype
 are picked from one forward pass over pseudo-random tokens (the massive dimensions do not
 depend on the input), after the layers are converted, weighted by each column's rounding
 error.
+
+NF4's 4 bits are coarse enough that the same holds inside the layers: the input columns of
+each linear whose rounding costs its output most (input mean square x the column's squared
+rounding error; the massive dimensions again) are kept exact (`keep_linear_columns`,
+`precision.linear_outliers`; model/nf4.py patches them into every product), found from one
+calibration pass through the converted layers and a second read of the base
+(checkpoint/base.py).
 """
 from __future__ import annotations
 
@@ -114,29 +121,58 @@ def calibration_batches(vocab_size: int, seq_length: int, count: int = 4) -> lis
     return batches
 
 
+def input_mean_squares(layers: dict, forward: Callable[[], None]) -> dict:
+    """Runs `forward` (a collective forward pass of the whole model, every rank) and returns
+    the mean square of each dimension of each of `layers`' inputs (name: module), over every
+    call. A column-parallel layer under sequence parallelism sees its part of the sequence:
+    its sums are reduced over TP."""
+    sums = {name: [] for name in layers}
+
+    def recorder(name):
+        def record(module, args, kwargs):
+            h = (args[0] if args else kwargs["input_"]).detach().float().flatten(0, -2)
+            sums[name].append(torch.cat([h.pow(2).sum(0), h.new_tensor([h.shape[0]])]))
+        return record
+
+    handles = [m.register_forward_pre_hook(recorder(n), with_kwargs=True)
+               for n, m in layers.items()]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    result = {}
+    for name, layer in layers.items():
+        total = torch.stack(sums[name]).sum(0)
+        if (isinstance(layer, ColumnParallelLinear) and layer.sequence_parallel
+                and dist.is_initialized()):
+            dist.all_reduce(total, group=layer.tp_group)
+        result[name] = total[:-1] / total[-1]
+    return result
+
+
 def output_hidden_mean_square(model: torch.nn.Module, forward: Callable[[], None]):
-    """Runs `forward` (a collective forward pass of the whole model, every rank) and returns,
-    on the ranks that hold the output layer, the mean square of each hidden dimension of its
-    input (None elsewhere)."""
+    """Runs `forward` (as `input_mean_squares`) and returns, on the ranks that hold the output
+    layer, the mean square of each hidden dimension of its input (None elsewhere)."""
     layer = getattr(model, "output_layer", None)
     if layer is None:
         forward()
         return None
-    sums = []
+    return input_mean_squares({"output_layer": layer}, forward)["output_layer"]
 
-    def record(module, args):
-        h = args[0].detach().float().flatten(0, -2)
-        sums.append(torch.cat([h.pow(2).sum(0), h.new_tensor([h.shape[0]])]))
 
-    handle = layer.register_forward_pre_hook(record)
-    try:
-        forward()
-    finally:
-        handle.remove()
-    total = torch.stack(sums).sum(0)
-    if layer.sequence_parallel and dist.is_initialized():  # each rank saw its sequence part
-        dist.all_reduce(total, group=layer.tp_group)
-    return total[:-1] / total[-1]
+def keep_linear_columns(linear: torch.nn.Module, exact: torch.Tensor, input_ms: torch.Tensor,
+                        count: int) -> torch.Tensor:
+    """An NF4 frozen linear keeps exact the `count` input columns of its weight where the
+    rounding costs its output most: the input's mean square (`input_ms`) x the column's squared
+    rounding error over this rank's rows (`exact`: this rank's weight in high precision). The
+    input's massive dimensions decide; each rank picks its own, as it multiplies with its own
+    shard. Returns the columns."""
+    error = (exact.float() - nf4.dequantize(linear.weight).float()).pow(2).sum(0)
+    index = (input_ms.to(error.device) * error).topk(min(count, error.numel())).indices
+    index = index.sort().values
+    nf4.keep_exact_columns(linear.weight, index, exact[:, index].to(linear.weight.dtype))
+    return index
 
 
 def add_outlier_columns(layer, weight: torch.Tensor, quantized: torch.Tensor,
@@ -268,14 +304,15 @@ def storage_bytes(tensor: torch.Tensor) -> int:
     """Bytes of memory `tensor` holds: its storage, or for a quantized tensor its parts (data,
     scales and, for NF4, its 16 levels)."""
     if is_quantized(tensor):
-        return sum(storage_bytes(getattr(tensor, name))
-                   for name in tensor.__tensor_flatten__()[0])
+        return (sum(storage_bytes(getattr(tensor, name))
+                    for name in tensor.__tensor_flatten__()[0])
+                + sum(storage_bytes(t) for t in nf4.exact_columns(tensor) or ()))
     return tensor.untyped_storage().nbytes()
 
 
 def frozen_weight_bytes(model: torch.nn.Module) -> dict:
-    """This rank's frozen parameters: count, resident bytes (with the low-precision output
-    layer's high-precision columns), and the bytes they would take in bf16 (2 per element)."""
+    """This rank's frozen parameters: count, resident bytes (with the high-precision columns
+    of the low-precision output layer and NF4 linears), and the bytes they would take in bf16 (2 per element)."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
     numel = sum(p.numel() for p in frozen)
     outliers = sum(storage_bytes(b) for m in model.modules() if isinstance(m, OutlierColumns)

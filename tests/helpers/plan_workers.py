@@ -40,7 +40,13 @@ def _measure(layout: dict, lora: bool, tied: bool, distributed: bool) -> dict:
     )
     from pesc_megatron.model.builder import build_model
     from pesc_megatron.model.config import LoRAConfig, ModelConfig, PESCConfig
-    from pesc_megatron.model.quantized import convert_frozen_weights, frozen_weight_bytes
+    from pesc_megatron.model.precision import PrecisionConfig
+    from pesc_megatron.model.quantized import (
+        QUANTIZED_MODULES,
+        convert_frozen_weights,
+        frozen_weight_bytes,
+        keep_linear_columns,
+    )
     from pesc_megatron.parallel.config import ParallelConfig
     from pesc_megatron.parallel.distributed import initialize
     from pesc_megatron.train.step import forward_backward, forward_only, wrap_ddp
@@ -75,8 +81,15 @@ def _measure(layout: dict, lora: bool, tied: bool, distributed: bool) -> dict:
                            calibrate=lambda: forward_only(ddp, [batch], SEQ, 1))
     measured["frozen_fp8"] = frozen_weight_bytes(model)["bytes"]
     model = build_model(model_cfg, PESCConfig(**PESC), par, lora=lora_cfg)
+    layers = {n: m for n, m in model.named_modules()
+              if n.startswith("decoder.layers.") and isinstance(m, QUANTIZED_MODULES)
+              and not m.weight.requires_grad}
+    exact = {n: m.weight.detach().clone() for n, m in layers.items()}
     convert_frozen_weights(model, "nf4", output_layer=True, outliers=32,
                            calibrate=lambda: forward_only(model, [batch], SEQ, 1))
+    for name, linear in layers.items():  # as the loader does, with the default count
+        keep_linear_columns(linear, exact[name], torch.ones(exact[name].shape[1]),
+                            PrecisionConfig().linear_outliers)
     measured["frozen_nf4"] = frozen_weight_bytes(model)["bytes"]
 
     job = Job(model_cfg, PESCConfig(**PESC), lora_cfg, dtype="fp32",

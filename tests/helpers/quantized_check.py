@@ -212,20 +212,39 @@ def check_output_outliers(count: int = 4) -> None:
     assert (out.double() - exact).abs().max() < 0.25 * plain, (out - exact).abs().max() / plain
 
 
-def check_nf4_linear(kind: str) -> dict:
+def check_nf4_linear(kind: str, keep: int = 0) -> dict:
     """megatron-core's column- or row-parallel linear at the current TP size (sequence parallel
     when TP > 1) with a frozen NF4 weight: forward and input gradient equal the float64
-    products with the dequantized weight within fp32 rounding (n 2^-22 |a| @ |b|). Returns the
-    largest |error| / that bound."""
+    products with the dequantized weight within fp32 rounding (n 2^-22 |a| @ |b|). With `keep`,
+    the weight keeps that many input columns exact (`keep_linear_columns`, from the input's
+    mean squares measured on the layer itself, one input dimension massive): each rank's
+    product uses its shard's exact columns and the massive dimension is among them. Returns
+    the largest |error| / that bound."""
+    from types import SimpleNamespace
+
     from pesc_megatron.model.nf4 import dequantize, to_nf4
-    from pesc_megatron.model.quantized import convert_frozen_weights
+    from pesc_megatron.model.quantized import (
+        convert_frozen_weights,
+        input_mean_squares,
+        keep_linear_columns,
+    )
 
     tp, rank, config = linear_config()
     in_f, out_f = (HIDDEN, FFN) if kind == "column" else (FFN, HIDDEN)
     w, x, grad = linear_data(in_f, out_f, seed=7)
+    massive = 2 * in_f // 3  # on the last rank's input shard for the row-parallel layer
+    x[..., massive] *= 30
     split = 0 if kind == "column" else 1
     shards = w.chunk(tp, dim=split)  # every rank quantizes its own shard
-    dequantized = torch.cat([dequantize(to_nf4(s)) for s in shards], dim=split).double()
+    shard_ms = x.pow(2).mean((0, 1)).chunk(tp if kind == "row" else 1)
+
+    def effective(i):  # shard i as its rank multiplies with it
+        holder = SimpleNamespace(weight=to_nf4(shards[i]))
+        if keep:
+            keep_linear_columns(holder, shards[i], shard_ms[i if kind == "row" else 0], keep)
+        return dequantize(holder.weight)
+
+    dequantized = torch.cat([effective(i) for i in range(tp)], dim=split).double()
 
     linear = make_linear(kind, config)
     with torch.no_grad():
@@ -243,6 +262,16 @@ def check_nf4_linear(kind: str) -> dict:
     else:
         inp, grad_out = x[..., cols], grad[seq]
         out_index, in_grad_index = (seq, every, every), (every, every, cols)
+    if keep:
+        # What the loader does: the mean squares from a pass through the layer (the
+        # sequence-parallel column layer sees its part of the sequence), then the columns.
+        with torch.no_grad():
+            input_ms = input_mean_squares({"linear": linear}, lambda: linear(inp))["linear"]
+        torch.testing.assert_close(input_ms, shard_ms[rank if kind == "row" else 0])
+        index = keep_linear_columns(linear, shards[rank], input_ms, keep)
+        local = massive - cols.start if kind == "row" else massive
+        assert len(index) == keep
+        assert local in index.tolist() or not 0 <= local < inp.shape[-1], index
     inp = inp.clone().requires_grad_(True)
     out, _ = linear(inp)
     out.backward(grad_out)
@@ -259,8 +288,56 @@ def check_nf4_linear(kind: str) -> dict:
         assert (err <= bound).all(), (name, kind, (err / bound).max())
         ratios[name] = (err / bound).max().item()
     # And NF4's own rounding is far above that: the product is not the high-precision one.
-    assert (out.double() - (x64 @ w.double().t())[out_index]).abs().max() > 1e-3
+    exact = (x64 @ w.double().t())[out_index]
+    assert (out.double() - exact).abs().max() > 1e-3
+    if keep:  # but the exact columns take away most of the massive dimension's share
+        plain = torch.cat([dequantize(to_nf4(s)) for s in shards], dim=split).double()
+        assert (out.double() - exact).abs().max() < (x64 @ plain.t() - x64 @ w.double().t())[
+            out_index].abs().max()
     return ratios
+
+
+def check_loaded_exact_columns(ckpt: str, count: int = 4) -> None:
+    """`precision.linear_outliers` through the loader at the current parallel layout: every
+    frozen NF4 linear of the layers multiplies with the base checkpoint's own values (this
+    rank's shard, read a second time) on its `count` kept columns; nothing else keeps any."""
+    from megatron.core import parallel_state as ps
+    from torchao.quantization import NF4Tensor
+
+    from pesc_megatron.checkpoint.base import load
+    from pesc_megatron.model.nf4 import dequantize, exact_columns
+    from pesc_megatron.model.precision import PrecisionConfig
+    from pesc_megatron.parallel.config import ParallelConfig
+
+    parallel = ParallelConfig(tp=ps.get_tensor_model_parallel_world_size())
+    high = dict(load(ckpt, parallel)[0].named_modules())
+    model, _ = load(ckpt, parallel,
+                    precision=PrecisionConfig(frozen_weights="nf4", linear_outliers=count))
+    kept = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, NF4Tensor):
+            continue
+        if not name.startswith("decoder.layers."):
+            assert exact_columns(weight) is None, name
+            continue
+        index, values = exact_columns(weight)
+        want = high[name].weight.detach()
+        assert len(index) == count and torch.equal(values, want[:, index]), name
+        assert torch.equal(dequantize(weight)[:, index], want[:, index]), name
+        kept += 1
+    assert kept == 8, kept  # 4 linears x 2 layers
+
+
+def loaded_exact_columns_worker(ckpt: str) -> None:
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.parallel.distributed import destroy, initialize
+
+    initialize(ParallelConfig(tp=int(os.environ["WORLD_SIZE"])))
+    try:
+        check_loaded_exact_columns(ckpt)
+    finally:
+        destroy()
 
 
 def tp_worker() -> None:
@@ -275,6 +352,7 @@ def tp_worker() -> None:
             for matmul in ("dequantize", "scaled_mm"):
                 check_frozen_linear(kind, matmul)
             check_nf4_linear(kind)
+            check_nf4_linear(kind, keep=3)
         check_output_outliers()
     finally:
         destroy()

@@ -121,6 +121,8 @@ def test_trainable_gradients_flow_with_lora(single_rank, frozen, matmul):
     (dict(fp8="delayed", fp8_amax_history_len=0), "bf16", r"fp8_amax_history_len=0"),
     (dict(frozen_weights="fp8", output_outliers=-1), "bf16",
      r"precision.output_outliers=-1: must be >= 0"),
+    (dict(frozen_weights="nf4", linear_outliers=-2), "bf16",
+     r"precision.linear_outliers=-2: must be >= 0"),
 ])
 def test_precision_errors(settings, dtype, message):
     with pytest.raises(ConfigError, match=message) as e:

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torchao.quantization import NF4Tensor
 
-from pesc_megatron.model.nf4 import dequantize, nf4_rows, scaler_block_size, to_nf4
+from pesc_megatron.model.nf4 import (
+    dequantize,
+    keep_exact_columns,
+    nf4_rows,
+    scaler_block_size,
+    to_nf4,
+)
 from pesc_megatron.schema import ConfigError
 from tests.helpers.quantized_check import check_nf4_linear, tiny_model
 
@@ -34,6 +40,32 @@ def test_products_and_lookup_use_the_dequantized_weight(dtype):
     index = torch.tensor([[0, 5, 191], [7, 7, 100]])
     assert torch.equal(torch.nn.functional.embedding(index, q), d[index])
     assert torch.equal(nf4_rows(q, index), d[index])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_columns_reach_every_product(dtype):
+    w = weight(192, 128, dtype)
+    q = to_nf4(w)
+    index = torch.tensor([3, 64, 127])
+    keep_exact_columns(q, index, w[:, index])
+    want = q.get_original_weight()
+    want[:, index] = w[:, index]
+    assert torch.equal(dequantize(q), want) and torch.equal(dequantize(q.t()), want.t())
+    assert torch.equal(dequantize(q.t().t()), want)  # both transposes carry them
+    x = torch.randn(3, 5, 128, dtype=dtype)
+    g = torch.randn(3, 5, 192, dtype=dtype)
+    torch.testing.assert_close(torch.matmul(x, q.t()), torch.matmul(x, want.t()), rtol=0, atol=0)
+    torch.testing.assert_close(g.matmul(q), g.matmul(want), rtol=0, atol=0)
+    rows = torch.tensor([[0, 5, 191], [7, 7, 100]])
+    assert torch.equal(nf4_rows(q, rows), want[rows])
+
+
+def test_the_loader_keeps_each_linears_costliest_columns_exact(tmp_path, single_rank):
+    """`precision.linear_outliers` at TP=1 (TP=2: test_quantized_layouts.py)."""
+    from tests.helpers import tiny
+    from tests.helpers.quantized_check import check_loaded_exact_columns
+
+    check_loaded_exact_columns(str(tiny.make_checkpoint(tmp_path)))
 
 
 @pytest.mark.parametrize("shape", [(1024, 576), (960, 576), (4096, 512), (2, 64)])
@@ -64,9 +96,10 @@ def test_a_shard_the_block_size_does_not_divide():
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("keep", [0, 3])
 @pytest.mark.parametrize("kind", ["column", "row"])
-def test_frozen_linear_is_the_dequantized_product(single_rank, kind):
-    ratios = check_nf4_linear(kind)
+def test_frozen_linear_is_the_dequantized_product(single_rank, kind, keep):
+    ratios = check_nf4_linear(kind, keep)
     assert max(ratios.values()) <= 1.0, ratios
 
 
