@@ -6,8 +6,9 @@ Per GPU (the pipeline stage that needs the most), as megatron-core allocates it:
   split by TP and, by layers, by PP; with --frozen-weights fp8 every frozen weight matrix
   takes 1 byte plus an fp32 scale per row, with nf4 half a byte plus NF4's scales (see
   `nf4_bytes`), as `precision.frozen_weights` stores them by default (with the output layer's
-  32 high-precision columns; `tests/analysis/test_plan_layouts.py` checks both against the
-  converted model);
+  32 high-precision columns and, for nf4, 16 exact input columns per layer linear:
+  `precision.output_outliers`, `precision.linear_outliers`; `tests/analysis/test_plan_layouts.py`
+  checks both against the converted model);
 - trainable routers (fp32, replicated), adapters (split by EP and ETP) and LoRA (A or B split
   by TP like the base, the other replicated), their fp32 gradient buffer and the optimizer
   state (fp32 master copy of bf16 weights + Adam m and v), which the distributed optimizer

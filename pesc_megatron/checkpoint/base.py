@@ -35,7 +35,7 @@ from pesc_megatron.model.quantized import (
     calibration_batches,
     convert_frozen_weights,
     input_mean_squares,
-    keep_linear_columns,
+    pick_exact_columns,
     quantize_frozen,
     resolve_matmul,
 )
@@ -176,7 +176,7 @@ def load_groups(model, state: dict, roles: dict, by_weight: bool):
 
 def quantize_rest(model, info: CheckpointInfo, parallel: ParallelConfig,
                   precision: PrecisionConfig, matmul: str) -> None:
-    """What the grouped load left: NF4 linears' exact columns (`keep_linear_outliers`), then
+    """What the grouped load left: NF4 linears' exact columns (`exact_columns_from_base`), then
     the high-precision rest (an untied embedding; with `precision.quantize_output_layer`, the
     logits' weights), converted once the model is complete, because the output layer's
     outlier columns are found by a forward pass (4 x 64 tokens, every rank) through the
@@ -188,18 +188,18 @@ def quantize_rest(model, info: CheckpointInfo, parallel: ParallelConfig,
         forward_only(model, batches, seq, 1)
 
     if precision.frozen_weights == "nf4" and precision.linear_outliers > 0:
-        keep_linear_outliers(model, info, precision.linear_outliers, calibrate)
+        exact_columns_from_base(model, info, precision.linear_outliers, calibrate)
     convert_frozen_weights(model, precision.frozen_weights, matmul,
                            precision.quantize_output_layer, precision.output_outliers,
                            calibrate=calibrate)
 
 
-def keep_linear_outliers(model, info: CheckpointInfo, count: int, calibrate) -> None:
+def exact_columns_from_base(model, info: CheckpointInfo, count: int, calibrate) -> None:
     """Every NF4 linear of the decoder layers keeps its `count` costliest input columns exact
-    (`keep_linear_columns`): their inputs' mean squares come from a calibration pass through
-    the converted layers, their high-precision values from a second read of the base, one
-    layer's matrix at a time (in `fill`'s order of groups, the same on every rank; every rank
-    has as many layers in each)."""
+    (`pick_exact_columns`): their inputs' mean squares come from a calibration pass through
+    the converted layers (its TP reductions run in `fill`'s order of the linears, the same on
+    every rank), their high-precision values from a second read of the base, one layer's
+    matrix at a time and without collectives (`read_shard`)."""
     entries = model.sharded_state_dict()
     groups = [(modules, group) for modules, group in
               load_groups(model, entries, sharded_roles(model, entries), by_weight=True)
@@ -210,4 +210,4 @@ def keep_linear_outliers(model, info: CheckpointInfo, count: int, calibrate) -> 
         for key, entry in group.items():
             name = key.rsplit(".", 1)[0]
             exact = read_shard(entry, info.base / WEIGHTS)  # the model's weight is NF4 now
-            keep_linear_columns(linears[name], exact, input_ms[name], count)
+            pick_exact_columns(linears[name], exact, input_ms[name], count)

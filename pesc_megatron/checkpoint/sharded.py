@@ -124,10 +124,9 @@ class _RegionPlanner(DefaultLoadPlanner):
 def read_shard(entry, folder: Path) -> torch.Tensor:
     """This rank's part of one entry of a sharded state dict (a ShardedTensor, or a factory
     such as megatron-core's SwiGLU one), read from the torch_dist checkpoint `folder` into a
-    fresh tensor, and
-    nothing else: no collective, and of a tensor that stacks all layers only this layer's
-    region (dist_checkpointing.load reads whole stacked tensors in a one-rank world and merges
-    factories through a copy)."""
+    fresh tensor, and nothing else: no collective, and of a tensor that stacks all layers
+    only this layer's region (dist_checkpointing.load reads whole stacked tensors in a
+    one-rank world and merges factories through a copy)."""
     data = torch.empty(entry.data.shape, dtype=entry.data.dtype, device=entry.data.device)
     entry = dataclasses.replace(entry, data=data)
     parts = entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]

@@ -52,8 +52,9 @@ def _parse(argv):
     ap.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16")
     ap.add_argument("--frozen-weights", choices=LOW_PRECISION,
                     help="frozen weight matrices in fp8 (1 byte each + an fp32 scale per row) or "
-                    "nf4 (4.13 bits each), as precision.frozen_weights stores them, with the "
-                    "output layer's 32 high-precision columns; norms stay in --dtype")
+                    "nf4 (4.13 bits each, and 16 exact columns per layer linear), as "
+                    "precision.frozen_weights stores them by default, with the output layer's "
+                    "32 high-precision columns; norms stay in --dtype")
     ap.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction,
                     default=True, help="shard optimizer state over data parallel (default on)")
     ap.add_argument("--recompute", choices=RECOMPUTE_LEVELS,
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if job.frozen_weights:
         print(f"  --frozen-weights {job.frozen_weights}: the frozen weights as "
               f"precision.frozen_weights: {job.frozen_weights} stores them by default, with the "
-              "output layer's 32 high-precision columns; its activations are not measured by "
+              "output layer's 32 high-precision columns (nf4: and 16 exact columns per layer "
+              "linear); its activations are not measured by "
               "`pesc bench memory`")
     label = "layout" if fixed_layout else (
         "suggested layout" if with_headroom else "nothing fits; the smallest layout")

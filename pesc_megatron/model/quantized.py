@@ -24,7 +24,7 @@ error.
 
 NF4's 4 bits are coarse enough that the same holds inside the layers: the input columns of
 each linear whose rounding costs its output most (input mean square x the column's squared
-rounding error; the massive dimensions again) are kept exact (`keep_linear_columns`,
+rounding error; the massive dimensions again) are kept exact (`pick_exact_columns`,
 `precision.linear_outliers`; model/nf4.py patches them into every product), found from one
 calibration pass through the converted layers and a second read of the base
 (checkpoint/base.py).
@@ -125,7 +125,8 @@ def input_mean_squares(layers: dict, forward: Callable[[], None]) -> dict:
     """Runs `forward` (a collective forward pass of the whole model, every rank) and returns
     the mean square of each dimension of each of `layers`' inputs (name: module), over every
     call. A column-parallel layer under sequence parallelism sees its part of the sequence:
-    its sums are reduced over TP."""
+    its sums and counts are reduced over TP (the output layer's input, gathered before it,
+    then counts TP times, sums and counts alike)."""
     sums = {name: [] for name in layers}
 
     def recorder(name):
@@ -161,14 +162,16 @@ def output_hidden_mean_square(model: torch.nn.Module, forward: Callable[[], None
     return input_mean_squares({"output_layer": layer}, forward)["output_layer"]
 
 
-def keep_linear_columns(linear: torch.nn.Module, exact: torch.Tensor, input_ms: torch.Tensor,
-                        count: int) -> torch.Tensor:
+def pick_exact_columns(linear: torch.nn.Module, exact: torch.Tensor, input_ms: torch.Tensor,
+                       count: int) -> torch.Tensor:
     """An NF4 frozen linear keeps exact the `count` input columns of its weight where the
     rounding costs its output most: the input's mean square (`input_ms`) x the column's squared
     rounding error over this rank's rows (`exact`: this rank's weight in high precision). The
     input's massive dimensions decide; each rank picks its own, as it multiplies with its own
     shard. Returns the columns."""
-    error = (exact.float() - nf4.dequantize(linear.weight).float()).pow(2).sum(0)
+    rows = max(1, CHUNK_ELEMENTS // exact.shape[1])  # no full-size temporaries
+    error = sum((exact[r:r + rows].float() - dense_rows(linear.weight, r, r + rows).float())
+                .pow(2).sum(0) for r in range(0, exact.shape[0], rows))
     index = (input_ms.to(error.device) * error).topk(min(count, error.numel())).indices
     index = index.sort().values
     nf4.keep_exact_columns(linear.weight, index, exact[:, index].to(linear.weight.dtype))

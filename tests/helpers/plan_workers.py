@@ -45,7 +45,7 @@ def _measure(layout: dict, lora: bool, tied: bool, distributed: bool) -> dict:
         QUANTIZED_MODULES,
         convert_frozen_weights,
         frozen_weight_bytes,
-        keep_linear_columns,
+        pick_exact_columns,
     )
     from pesc_megatron.parallel.config import ParallelConfig
     from pesc_megatron.parallel.distributed import initialize
@@ -88,7 +88,7 @@ def _measure(layout: dict, lora: bool, tied: bool, distributed: bool) -> dict:
     convert_frozen_weights(model, "nf4", output_layer=True, outliers=32,
                            calibrate=lambda: forward_only(model, [batch], SEQ, 1))
     for name, linear in layers.items():  # as the loader does, with the default count
-        keep_linear_columns(linear, exact[name], torch.ones(exact[name].shape[1]),
+        pick_exact_columns(linear, exact[name], torch.ones(exact[name].shape[1]),
                             PrecisionConfig().linear_outliers)
     measured["frozen_nf4"] = frozen_weight_bytes(model)["bytes"]
 

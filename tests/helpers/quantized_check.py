@@ -216,7 +216,7 @@ def check_nf4_linear(kind: str, keep: int = 0) -> dict:
     """megatron-core's column- or row-parallel linear at the current TP size (sequence parallel
     when TP > 1) with a frozen NF4 weight: forward and input gradient equal the float64
     products with the dequantized weight within fp32 rounding (n 2^-22 |a| @ |b|). With `keep`,
-    the weight keeps that many input columns exact (`keep_linear_columns`, from the input's
+    the weight keeps that many input columns exact (`pick_exact_columns`, from the input's
     mean squares measured on the layer itself, one input dimension massive): each rank's
     product uses its shard's exact columns and the massive dimension is among them. Returns
     the largest |error| / that bound."""
@@ -226,7 +226,7 @@ def check_nf4_linear(kind: str, keep: int = 0) -> dict:
     from pesc_megatron.model.quantized import (
         convert_frozen_weights,
         input_mean_squares,
-        keep_linear_columns,
+        pick_exact_columns,
     )
 
     tp, rank, config = linear_config()
@@ -241,7 +241,7 @@ def check_nf4_linear(kind: str, keep: int = 0) -> dict:
     def effective(i):  # shard i as its rank multiplies with it
         holder = SimpleNamespace(weight=to_nf4(shards[i]))
         if keep:
-            keep_linear_columns(holder, shards[i], shard_ms[i if kind == "row" else 0], keep)
+            pick_exact_columns(holder, shards[i], shard_ms[i if kind == "row" else 0], keep)
         return dequantize(holder.weight)
 
     dequantized = torch.cat([effective(i) for i in range(tp)], dim=split).double()
@@ -268,7 +268,7 @@ def check_nf4_linear(kind: str, keep: int = 0) -> dict:
         with torch.no_grad():
             input_ms = input_mean_squares({"linear": linear}, lambda: linear(inp))["linear"]
         torch.testing.assert_close(input_ms, shard_ms[rank if kind == "row" else 0])
-        index = keep_linear_columns(linear, shards[rank], input_ms, keep)
+        index = pick_exact_columns(linear, shards[rank], input_ms, keep)
         local = massive - cols.start if kind == "row" else massive
         assert len(index) == keep
         assert local in index.tolist() or not 0 <= local < inp.shape[-1], index
@@ -309,7 +309,8 @@ def check_loaded_exact_columns(ckpt: str, count: int = 4) -> None:
     from pesc_megatron.model.precision import PrecisionConfig
     from pesc_megatron.parallel.config import ParallelConfig
 
-    parallel = ParallelConfig(tp=ps.get_tensor_model_parallel_world_size())
+    parallel = ParallelConfig(tp=ps.get_tensor_model_parallel_world_size(),
+                              pp=ps.get_pipeline_model_parallel_world_size())
     high = dict(load(ckpt, parallel)[0].named_modules())
     model, _ = load(ckpt, parallel,
                     precision=PrecisionConfig(frozen_weights="nf4", linear_outliers=count))
@@ -326,16 +327,21 @@ def check_loaded_exact_columns(ckpt: str, count: int = 4) -> None:
         assert len(index) == count and torch.equal(values, want[:, index]), name
         assert torch.equal(dequantize(weight)[:, index], want[:, index]), name
         kept += 1
-    assert kept == 8, kept  # 4 linears x 2 layers
+    layers = sum(1 for n, _ in model.named_modules() if n.count(".") == 2
+                 and n.startswith("decoder.layers."))
+    assert layers and kept == 4 * layers, (kept, layers)  # qkv, proj, fc1, fc2 of each
 
 
 def loaded_exact_columns_worker(ckpt: str) -> None:
+    """`check_loaded_exact_columns` at TP=2 (+ SP), then at PP=2 (global layer offsets)."""
     from pesc_megatron.parallel.config import ParallelConfig
     from pesc_megatron.parallel.distributed import destroy, initialize
 
-    initialize(ParallelConfig(tp=int(os.environ["WORLD_SIZE"])))
+    world = int(os.environ["WORLD_SIZE"])
     try:
-        check_loaded_exact_columns(ckpt)
+        for layout in (dict(tp=world), dict(pp=world)):  # the second re-makes the groups
+            initialize(ParallelConfig(**layout))
+            check_loaded_exact_columns(ckpt)
     finally:
         destroy()
 

@@ -10,6 +10,7 @@ from torchao.quantization import NF4Tensor
 
 from pesc_megatron.model.nf4 import (
     dequantize,
+    exact_columns,
     keep_exact_columns,
     nf4_rows,
     scaler_block_size,
@@ -52,6 +53,8 @@ def test_exact_columns_reach_every_product(dtype):
     want[:, index] = w[:, index]
     assert torch.equal(dequantize(q), want) and torch.equal(dequantize(q.t()), want.t())
     assert torch.equal(dequantize(q.t().t()), want)  # both transposes carry them
+    for kept in (q.detach(), torch.nn.Parameter(q, requires_grad=False)):  # and detach
+        assert torch.equal(dequantize(kept), want) and exact_columns(kept)[0] is index
     x = torch.randn(3, 5, 128, dtype=dtype)
     g = torch.randn(3, 5, 192, dtype=dtype)
     torch.testing.assert_close(torch.matmul(x, q.t()), torch.matmul(x, want.t()), rtol=0, atol=0)
@@ -60,8 +63,9 @@ def test_exact_columns_reach_every_product(dtype):
     assert torch.equal(nf4_rows(q, rows), want[rows])
 
 
-def test_the_loader_keeps_each_linears_costliest_columns_exact(tmp_path, single_rank):
-    """`precision.linear_outliers` at TP=1 (TP=2: test_quantized_layouts.py)."""
+def test_the_loader_reads_each_linears_exact_columns_from_the_base(tmp_path, single_rank):
+    """`precision.linear_outliers` at TP=1 (TP=2, PP=2: test_quantized_layouts.py; which
+    columns: test_frozen_linear_is_the_dequantized_product)."""
     from tests.helpers import tiny
     from tests.helpers.quantized_check import check_loaded_exact_columns
 

@@ -1,7 +1,7 @@
 """The low-precision frozen bases in parallel layouts (gloo): each rank's shard of the FP8
 linears' forward and input gradient is within e4m3's rounding of the float64 product, and of
 the NF4 linears equal to the product with the dequantized shard (with and without exact
-columns), at TP=2 + SP, and the loader's exact columns equal to the checkpoint's shard; `pesc train` /
+columns), at TP=2 + SP, and the loader's exact columns equal to the checkpoint's shard (TP=2, PP=2); `pesc train` /
 `pesc eval` with `precision.frozen_weights=fp8` at TP=2 end to end, and `pesc eval` at PP=2
 against one rank; `pesc train` (with LoRA) and `pesc eval` on an NF4 base at EP=2."""
 import json
@@ -21,7 +21,7 @@ def test_frozen_linears_tp2():
     spawn(tp_worker, 2)
 
 
-def test_nf4_linears_keep_their_exact_columns_tp2(tmp_path):
+def test_nf4_linears_keep_their_exact_columns_tp2_pp2(tmp_path):
     spawn(loaded_exact_columns_worker, 2, str(tiny.make_checkpoint(tmp_path)))
 
 
