@@ -1,8 +1,8 @@
 """The low-precision frozen bases in parallel layouts (gloo): each rank's shard of the FP8
 linears' forward and input gradient is within e4m3's rounding of the float64 product, and of
 the NF4 linears equal to the product with the dequantized shard (with and without exact
-columns), at TP=2 + SP, and the loader's exact columns equal to the checkpoint's shard (TP=2, PP=2); `pesc train` /
-`pesc eval` with `precision.frozen_weights=fp8` at TP=2 end to end, and `pesc eval` at PP=2
+columns), at TP=2 + SP, and the loader's exact columns equal to the checkpoint's shard (TP=2,
+PP=2); `pesc train` / `pesc eval` with `precision.frozen_weights=fp8` at TP=2 end to end, and `pesc eval` at PP=2
 against one rank; `pesc train` (with LoRA) and `pesc eval` on an NF4 base at EP=2."""
 import json
 
