@@ -140,18 +140,20 @@ def _t(func, args, kwargs=None):
     meta = nf4_tensor.SubclassTensorArgs(
         (a.size(1), a.size(0)), (a.stride(1), a.stride(0)), a.storage_offset(), a.dtype,
         a.device, a.requires_grad)
-    t = NF4Tensor(meta, a.block_size, a.n_blocks, a.scaler_block_size, a.quantized_scalers,
-                  a.quantization_factor, a.scaler_mean, a.quantized_data, a.nf4)
-    if exact_columns(a) is not None:
-        keep_exact_columns(t, *exact_columns(a))
-    return t
+    return _carry_columns(a, NF4Tensor(meta, a.block_size, a.n_blocks, a.scaler_block_size,
+                                       a.quantized_scalers, a.quantization_factor,
+                                       a.scaler_mean, a.quantized_data, a.nf4))
 
 
 def _detach(func, args, kwargs=None):
-    t = _torchao_detach(func, args, kwargs)
-    if exact_columns(args[0]) is not None:
-        keep_exact_columns(t, *exact_columns(args[0]))
-    return t
+    return _carry_columns(args[0], _torchao_detach(func, args, kwargs))
+
+
+def _carry_columns(source: NF4Tensor, made: NF4Tensor) -> NF4Tensor:
+    """`made` (a view of `source`) with `source`'s exact columns."""
+    if exact_columns(source) is not None:
+        keep_exact_columns(made, *exact_columns(source))
+    return made
 
 
 def _mm(func, args, kwargs=None):

@@ -315,7 +315,8 @@ def storage_bytes(tensor: torch.Tensor) -> int:
 
 def frozen_weight_bytes(model: torch.nn.Module) -> dict:
     """This rank's frozen parameters: count, resident bytes (with the high-precision columns
-    of the low-precision output layer and NF4 linears), and the bytes they would take in bf16 (2 per element)."""
+    of the low-precision output layer and NF4 linears), and the bytes they would take in bf16
+    (2 per element)."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
     numel = sum(p.numel() for p in frozen)
     outliers = sum(storage_bytes(b) for m in model.modules() if isinstance(m, OutlierColumns)

@@ -30,17 +30,18 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
         else:  # plain `python ...`: a world of one, no TCP port needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timeout)
-    if parallel_state.model_parallel_is_initialized():  # e.g. a second tool in one process
-        if _layout() == (parallel.tp, parallel.pp, parallel.ep, parallel.etp):
-            set_seed(seed)  # the same groups: making them again would leak the old ones
-            return
+    # A second tool in one process keeps the groups of the same layout: making them again
+    # would leak the old ones (`_layout`).
+    if (parallel_state.model_parallel_is_initialized()
+            and _layout() != (parallel.tp, parallel.pp, parallel.ep, parallel.etp)):
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
-    )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            expert_model_parallel_size=parallel.ep,
+            expert_tensor_parallel_size=parallel.etp,
+        )
     set_seed(seed)
 
 
