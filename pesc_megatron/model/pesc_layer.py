@@ -71,18 +71,18 @@ def dropout_unscaled(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """Training-mode dropout without its rescaling: x with a fraction p of its elements zeroed,
     and the factor 1 / (1 - p) for the caller to apply where it is cheapest (after the next
     linear map, on its narrower output: a pass over x fewer, forward and backward). On CPU the
-    mask takes 16 random bits per element, three from each 64-bit draw (`random_()` fills bits
-    0-62), about a third of bernoulli_'s cost; p is realised to a multiple of 1/65536 and the
-    factor is exactly 1 / (1 - that p), so the expectation is unchanged. On CUDA it is
-    F.dropout, already scaled (factor 1)."""
+    mask takes 16 random bits per element, four from each 64-bit draw (`random_` over int64's
+    full range, uniform in all 64 bits), about a fifth of bernoulli_'s cost; p is realised to a
+    multiple of 1/65536 and the factor is exactly 1 / (1 - that p), so the expectation is
+    unchanged. On CUDA it is F.dropout, already scaled (factor 1)."""
     if p == 0.0:
         return x, 1.0
     if x.is_cuda:
         return F.dropout(x, p, training=True), 1.0
     threshold = round(p * 65536)
-    words = torch.empty(-(-x.numel() // 3), dtype=torch.int64, device=x.device).random_()
-    bits = words.view(torch.int16).view(-1, 4)[:, :3]
-    keep = (bits >= threshold - 32768).reshape(-1)[: x.numel()].view(x.shape)
+    words = torch.empty(-(-x.numel() // 4), dtype=torch.int64, device=x.device).random_(
+        -2**63, None)
+    keep = (words.view(torch.int16)[: x.numel()] >= threshold - 32768).view(x.shape)
     return torch.where(keep, x, 0.0), 65536 / (65536 - threshold)
 
 

@@ -281,14 +281,14 @@ def test_dropout_rate_scale_and_gradient():
     from pesc_megatron.model.pesc_layer import dropout_unscaled
 
     torch.manual_seed(0)
-    x = torch.ones(512, 1001, requires_grad=True)  # not a multiple of 3: padded 16-bit draws
+    x = torch.ones(512, 1001, requires_grad=True)  # not a multiple of 4: padded 16-bit draws
     kept, scale = dropout_unscaled(x, 0.1)
     y = kept * scale
     assert scale == 65536 / (65536 - round(0.1 * 65536))
     mask = y != 0
     assert abs(mask.float().mean().item() - 0.9) < 0.003
-    for word in range(3):  # the three 16-bit words of each 64-bit draw
-        assert abs(mask.view(-1)[word:-1:3].float().mean().item() - 0.9) < 0.005
+    for word in range(4):  # the four 16-bit words of each 64-bit draw (bit 63 included)
+        assert abs(mask.view(-1)[word:-1:4].float().mean().item() - 0.9) < 0.005
     assert torch.equal(y[mask], torch.full_like(y[mask], scale))
     y.sum().backward()
     assert torch.equal(x.grad, mask.float() * scale)

@@ -1,7 +1,8 @@
-"""The non-finite guard through a real `pesc train` under torchrun: a step whose gradients are
-NaN on one rank (fault injection, `PESC_FAULT_NONFINITE_STEPS`) is skipped by every rank and
-reported; `train.max_skipped_steps` in a row stop the run with a non-zero exit; every
-checkpoint on disk holds only finite values, and the run resumes from the newest one."""
+"""The non-finite guard, on DDP's buffers and through a real `pesc train` under torchrun: a
+step whose gradients are NaN on one rank (fault injection, `PESC_FAULT_NONFINITE_STEPS`) is
+skipped by every rank and reported; `train.max_skipped_steps` in a row stop the run with a
+non-zero exit; every checkpoint on disk holds only finite values, and the run resumes from the
+newest one."""
 import math
 import uuid
 
@@ -12,8 +13,6 @@ from megatron.core.dist_checkpointing import load_plain_tensors
 from pesc_megatron.train.trainer import FAULT_STEPS_ENV
 from tests.helpers.tiny import history, job_processes, train
 
-# Every test here starts processes (torchrun).
-pytestmark = pytest.mark.multiprocess
 
 
 # The shared EP=2 job (tests/train/conftest.py), 6 steps with a checkpoint after each.
@@ -33,6 +32,35 @@ def assert_all_finite(checkpoints) -> list:
     return [f.name for f in folders]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_guard_sees_one_bad_value_in_any_gradient(single_rank, bad):
+    """`all_finite` reads DDP's grad buffers: one NaN or inf anywhere in any trainable
+    parameter's main_grad (the last element of each in turn) fails the step; huge finite
+    values pass."""
+    from pesc_megatron.model.builder import build_model
+    from pesc_megatron.model.config import ModelConfig, PESCConfig
+    from pesc_megatron.parallel.config import ParallelConfig
+    from pesc_megatron.train.step import all_finite, wrap_ddp
+
+    model = build_model(ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2,
+                                    vocab_size=64),
+                        PESCConfig(num_experts=4, adapter_dim=8), ParallelConfig())
+    ddp = wrap_ddp(model)
+    grads = [p.main_grad for p in ddp.parameters() if p.requires_grad]
+    for g in grads:
+        g.fill_(3e38)
+    assert all_finite(ddp, None)
+    assert len(ddp.buffers) and len(ddp.expert_parallel_buffers)  # routers and experts
+    for g in grads:  # each parameter in turn: its last element
+        g.view(-1)[-1] = bad
+        assert not all_finite(ddp, None)
+        g.view(-1)[-1] = 0.0
+    assert all_finite(ddp, {"loss_sum": torch.tensor(1.0)})
+    assert not all_finite(ddp, {"loss_sum": torch.tensor(bad)})
+
+
+@pytest.mark.multiprocess  # starts processes (torchrun)
 def test_a_non_finite_step_is_skipped_and_reported(ep2_job, single_rank):
     root, config = ep2_job
     out = root / "one_fault"
@@ -55,6 +83,7 @@ def test_a_non_finite_step_is_skipped_and_reported(ep2_job, single_rank):
     assert rows[4]["lr"] == rows[3]["lr"]
 
 
+@pytest.mark.multiprocess
 def test_repeated_non_finite_steps_stop_the_run_which_then_resumes(ep2_job, single_rank):
     root, config = ep2_job
     out, tag = root / "stopped", uuid.uuid4().hex
