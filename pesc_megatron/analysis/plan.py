@@ -222,7 +222,6 @@ def layer_activations(job: Job, lay: Layout, core_attention: bool = True,
     total = ((1 + post_attention) * h * a + h * a + routing_bytes(p)) * local
     if core_attention:
         total += _qkv_elements(m, job.recompute, job.attention) // lay.tp * a * t
-        total += 4 * s * m.head_dim * a  # RoPE cos and sin for q and k
         if job.recompute == "none" and job.attention == "local":
             total += heads * s * softmax_bytes(job.dtype) * t
         elif job.recompute == "none":  # the fused kernel's fp32 logsumexp per head
@@ -291,7 +290,9 @@ def stage_activations(job: Job, lay: Layout, stage: int) -> dict[str, float]:
     if job.recompute == "full":  # each layer's input, the stage's output, the fp32 RoPE angles
         per_microbatch = (layers + 1) * m.hidden_size * a * t / lay.tp + 4 * s * m.head_dim
     else:
-        per_microbatch = layers * layer_activations(job, lay)
+        # + RoPE's cos and sin, computed once per forward for every layer (model/rope.py):
+        # [s, d] each ([b * s, d] for packed THD samples)
+        per_microbatch = layers * layer_activations(job, lay) + 2 * s * m.head_dim * a
         if stage == 0:
             per_microbatch += _first_layer_activations(job, lay) - layer_activations(job, lay)
     transient = 0.0

@@ -303,6 +303,18 @@ def _results_queue_dying_with_parent(original):
     return get_write_results_queue
 
 
+def _rope_with_cached_angles(original: Callable) -> Callable:
+    from pesc_megatron.model import rope
+
+    def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
+        if rope.rotary_runs_here(t, freqs, config, cp_group):
+            return rope.apply_rotary_pos_emb(t, freqs, cu_seqlens, mscale)
+        return original(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale,
+                        cp_group=cp_group)
+
+    return apply_rotary_pos_emb
+
+
 # Needed everywhere (CPU or GPU, with or without Transformer Engine).
 EVERYWHERE_PATCHES: list[Patch] = [
     Patch("megatron.core.dist_checkpointing.strategies.filesystem_async:"
@@ -314,6 +326,10 @@ EVERYWHERE_PATCHES: list[Patch] = [
           "the alltoall dispatcher sorts the tokens by local expert even with one EP x TP "
           "rank, where that order is the identity: a copy of every routed token and of its "
           "gradient per layer", _sort_chunks_unless_identity),
+    Patch("megatron.core.transformer.attention:apply_rotary_pos_emb",
+          "without TE's fused kernel every layer recomputes cos and sin (for packed sequences "
+          "with a host read per sample) and rotates in six passes each way: model/rope.py "
+          "computes the angles once per forward and rotates in three", _rope_with_cached_angles),
 ]
 
 # Needed wherever Transformer Engine is absent, GPU or not.

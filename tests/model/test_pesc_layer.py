@@ -99,7 +99,8 @@ def test_init_is_torch_linear_default(single_rank):
 
 def test_crafted_model_gives_the_dense_models_logits(single_rank):
     """PESC GPTModel (zero adapters) vs megatron-core's dense GPTModel with the same weights
-    and attention (megatron-core's local one: bit for bit)."""
+    and attention (megatron-core's local one), within fp32 rounding: the dense model's norms
+    are torch's rms_norm, the PESC model's model/norm.py."""
     import dataclasses
 
     from megatron.core.models.gpt import GPTModel
@@ -129,7 +130,8 @@ def test_crafted_model_gives_the_dense_models_logits(single_rank):
     pos = torch.arange(12).expand(2, 12)
     pesc.eval(), dense.eval()
     with torch.no_grad():
-        assert torch.equal(pesc(tokens, pos, None), dense(tokens, pos, None))
+        torch.testing.assert_close(pesc(tokens, pos, None), dense(tokens, pos, None),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_only_router_and_adapters_train(single_rank):
