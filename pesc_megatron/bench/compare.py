@@ -46,6 +46,7 @@ from pesc_megatron.model.attention import resolve_attention
 from pesc_megatron.model.builder import build_model, transformer_config
 from pesc_megatron.model.config import LORA_TARGETS, LoRAConfig, PESCConfig
 from pesc_megatron.model.size import PRESETS, count_parameters
+from pesc_megatron.model.norm import SequenceParallelTorchNorm
 from pesc_megatron.model.spec import core_attention
 from pesc_megatron.parallel import distributed
 from pesc_megatron.parallel.config import ParallelConfig
@@ -110,23 +111,29 @@ def _moe_config(model, experts: int, topk: int):
 
 
 def _gpt(model, config, spec):
+    """A GPTModel of `spec` layers and, as PESC's, our RMSNorm as the final norm."""
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=model.vocab_size,
+    block = TransformerBlockSubmodules(layer_specs=[spec] * model.num_hidden_layers,
+                                       layer_norm=SequenceParallelTorchNorm)
+    return GPTModel(config=config, transformer_layer_spec=block, vocab_size=model.vocab_size,
                     max_sequence_length=model.max_position_embeddings,
                     share_embeddings_and_output_weights=model.tie_word_embeddings,
                     position_embedding_type="rope", rotary_base=model.rope_theta)
 
 
 def _local_spec(attention: str, **kwargs):
-    """megatron-core's local layer spec with the PESC variants' core attention (the baselines
-    use the same attention as PESC, so that the rows differ in the MLP only)."""
+    """megatron-core's local layer spec with the PESC variants' core attention and norms (the
+    baselines use the same attention and RMSNorm as PESC, so that the rows differ in the MLP
+    only)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", **kwargs)
     spec.submodules.self_attention.submodules.core_attention = core_attention(
         resolve_attention(attention))
+    spec.submodules.input_layernorm = SequenceParallelTorchNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
     return spec
 
 

@@ -83,7 +83,10 @@ def dropout_unscaled(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     words = torch.empty(-(-x.numel() // 4), dtype=torch.int64, device=x.device).random_(
         -2**63, None)
     keep = (words.view(torch.int16)[: x.numel()] >= threshold - 32768).view(x.shape)
-    return torch.where(keep, x, 0.0), 65536 / (65536 - threshold)
+    # x * mask, the mask's bytes read as uint8 (a view, kept for backward as 1 byte an
+    # element): forward + backward 1.0 against 3.9 ms for where(keep, x, 0) at [2048, 576],
+    # whose backward also materialises a zero tensor
+    return x * keep.view(torch.uint8), 65536 / (65536 - threshold)
 
 
 class PESCRouter(TopKRouter):
