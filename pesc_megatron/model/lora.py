@@ -123,17 +123,19 @@ class LoRA(MegatronModule):
             return dropout_unscaled(x, self.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The scalings multiply the r-wide A output, not B's [tokens, out] one: the same
+        # product (B is linear), a pass over the wide output fewer forward and backward.
         pairs = [getattr(self, p) for p in self.parts]
         if not self.column:
             kept, rescale = self._dropout(x)
             h, _ = pairs[0].lora_A(kept)
-            return pairs[0].lora_B(h) * (self.scaling * rescale)
+            return pairs[0].lora_B(h * (self.scaling * rescale))
         # Each projection draws its own dropout mask, as PEFT's per-module dropout.
         hs, rescale = [], 1.0
         for pair in pairs:  # one p for all parts: the same rescaling
             kept, rescale = self._dropout(x)
             hs.append(pair.lora_A(kept))
-        h = torch.cat(hs, dim=-1)
+        h = torch.cat(hs, dim=-1) * (self.scaling * rescale)
         if self.config.sequence_parallel:
             # Backward splits instead of reduce-scattering: B's input gradient is all-reduced
             # over TP inside B, so every rank already holds the full gradient.
@@ -141,7 +143,7 @@ class LoRA(MegatronModule):
                                                      group=self.tp_group)
         outs = {p: pair.lora_B(hp)[0] for p, pair, hp in zip(self.parts, pairs,
                                                              h.split(self.rank, dim=-1))}
-        return self._assemble(outs, h) * (self.scaling * rescale)
+        return self._assemble(outs, h)
 
     def _assemble(self, outs: dict, like: torch.Tensor) -> torch.Tensor:
         """The parts' local outputs in the base's local output layout (zeros for parts
