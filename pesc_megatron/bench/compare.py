@@ -45,8 +45,8 @@ from pesc_megatron.cli.args import add_pesc_args
 from pesc_megatron.model.attention import resolve_attention
 from pesc_megatron.model.builder import build_model, transformer_config
 from pesc_megatron.model.config import LORA_TARGETS, LoRAConfig, PESCConfig
-from pesc_megatron.model.size import PRESETS, count_parameters
 from pesc_megatron.model.norm import SequenceParallelTorchNorm
+from pesc_megatron.model.size import PRESETS, count_parameters
 from pesc_megatron.model.spec import core_attention
 from pesc_megatron.parallel import distributed
 from pesc_megatron.parallel.config import ParallelConfig

@@ -306,11 +306,12 @@ def _results_queue_dying_with_parent(original):
 def _rope_with_cached_angles(original: Callable) -> Callable:
     from pesc_megatron.model import rope
 
-    def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
-        if rope.rotary_runs_here(t, freqs, config, cp_group):
+    def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None,
+                             **newer):  # arguments of later releases: theirs to handle
+        if not newer and rope.rotary_runs_here(t, freqs, config, cp_group):
             return rope.apply_rotary_pos_emb(t, freqs, cu_seqlens, mscale)
         return original(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale,
-                        cp_group=cp_group)
+                        cp_group=cp_group, **newer)
 
     return apply_rotary_pos_emb
 
