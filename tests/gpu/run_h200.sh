@@ -2,7 +2,8 @@
 # One command on one H200 (Python 3.12 with torch preinstalled, no network), about 5-8 minutes:
 #   tests/gpu/run_h200.sh [WHEEL_DIR]        (default: tests/gpu/wheels)
 # 1. PESC forward/backward parity CUDA vs CPU on a tiny model (fp32, TF32 off; packed
-#    sequences, GQA, the fused attention and the grouped experts);
+#    sequences, GQA, the fused attention, the grouped experts, model/norm.py's RMSNorm and
+#    model/rope.py's RoPE);
 # 2. the fused attention's varlen kernel against its per-sample SDPA path (bf16, Yi-34B's
 #    heads, packed samples): errors and forward+backward time of each;
 # 3. the grouped-GEMM experts against megatron-core's SequentialMLP loop (bf16, one
