@@ -290,9 +290,7 @@ def stage_activations(job: Job, lay: Layout, stage: int) -> dict[str, float]:
     if job.recompute == "full":  # each layer's input, the stage's output, the fp32 RoPE angles
         per_microbatch = (layers + 1) * m.hidden_size * a * t / lay.tp + 4 * s * m.head_dim
     else:
-        # + RoPE's cos and sin, computed once per forward for every layer (model/rope.py):
-        # [s, d] each ([b * s, d] for packed THD samples)
-        per_microbatch = layers * layer_activations(job, lay) + 2 * s * m.head_dim * a
+        per_microbatch = layers * layer_activations(job, lay)
         if stage == 0:
             per_microbatch += _first_layer_activations(job, lay) - layer_activations(job, lay)
     transient = 0.0
@@ -307,7 +305,13 @@ def stage_activations(job: Job, lay: Layout, stage: int) -> dict[str, float]:
         transient += layer_activations(dataclasses.replace(job, recompute="none"), lay)
     if stage == lay.pp - 1:  # the logits and the loss's fp32 softmax over the vocabulary
         transient = max(transient, t * m.vocab_size // lay.tp * softmax_bytes(job.dtype))
-    return dict(saved=(lay.pp - stage) * per_microbatch, buffer=scores * a, transient=transient)
+    saved = (lay.pp - stage) * per_microbatch
+    if job.recompute != "full":
+        # RoPE's cos and sin, made once per forward for all layers (model/rope.py): [s, d]
+        # each, the same pair for every micro-batch. (Packed THD samples make [b * s, d] per
+        # micro-batch instead: well under 0.1% of the activations, not counted.)
+        saved += 2 * s * m.head_dim * a
+    return dict(saved=saved, buffer=scores * a, transient=transient)
 
 
 # ------------------------------------------------------------------------------------------

@@ -113,9 +113,12 @@ def _moe_config(model, experts: int, topk: int):
 def _gpt(model, config, spec):
     """A GPTModel of `spec` layers and, as PESC's, our RMSNorm as the final norm."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
 
-    block = TransformerBlockSubmodules(layer_specs=[spec] * model.num_hidden_layers,
+    block = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
                                        layer_norm=SequenceParallelTorchNorm)
     return GPTModel(config=config, transformer_layer_spec=block, vocab_size=model.vocab_size,
                     max_sequence_length=model.max_position_embeddings,

@@ -10,11 +10,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 class _RMSNormFunction(torch.autograd.Function):
     """y = x * rstd * w, rstd = (mean(x^2) + eps)^-1/2 over the last dimension, computed in at
-    least fp32 (as torch's rms_norm) and returned in x's dtype. Keeps x and rstd."""
+    least fp32 (and at least w's dtype), as torch's rms_norm, and returned in x's dtype.
+    Keeps x and rstd."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        compute = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+        xf = x.to(compute)
         rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(
             x.shape[-1]).add_(eps).rsqrt_()  # one read pass: no x^2 tensor
         ctx.save_for_backward(x, weight, rstd)
@@ -23,26 +25,29 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        xf = x.to(rstd.dtype)
-        gw = grad.to(rstd.dtype) * weight
-        # dx = rstd * g*w - x * rstd^3 * sum(g*w*x) / n
-        dot = torch.einsum("...i,...i->...", gw, xf).unsqueeze(-1)  # 67 us; a batched
-        # [1, n] x [n, 1] matmul takes 650 us at [1024, 576]
-        grad_x = gw.mul_(rstd).addcmul_(xf, dot.mul_(rstd.pow(3)).div_(-x.shape[-1]))
-        grad_w = None
+        xf, g = x.to(rstd.dtype), grad.to(rstd.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            gw = g * weight
+            # dx = rstd * g*w - x * rstd^3 * sum(g*w*x) / n
+            dot = torch.einsum("...i,...i->...", gw, xf).unsqueeze(-1)  # 67 us; a batched
+            # [1, n] x [n, 1] matmul takes 650 us at [1024, 576]
+            grad_x = gw.mul_(rstd).addcmul_(xf, dot.mul_(rstd.pow(3)).div_(-x.shape[-1]))
+            grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = (grad.to(rstd.dtype) * xf * rstd).reshape(-1, x.shape[-1]).sum(0).to(
-                weight.dtype)
-        return grad_x.to(x.dtype), grad_w, None
+            grad_w = (g * xf * rstd).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None
 
 
 class RMSNorm(torch.nn.RMSNorm):
     """torch.nn.RMSNorm (same parameters and state dict) on `_RMSNormFunction`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is None:
+        if self.weight is None or len(self.normalized_shape) != 1:
             return super().forward(x)
-        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        # torch's default eps is that of the (at least fp32) compute dtype
+        eps = self.eps if self.eps is not None else torch.finfo(
+            torch.promote_types(x.dtype, torch.float32)).eps
         return _RMSNormFunction.apply(x, self.weight, eps)
 
 

@@ -43,23 +43,26 @@ class _Angles:
     def __init__(self):
         self.tensors, self.options, self.value = (None, None), None, None
 
-    def get(self, freqs, cu_seqlens, dtype, mscale):
+    def get(self, freqs, cu_seqlens, dtype, mscale, tokens):
+        # inference-mode tensors cannot be saved for a later training forward's backward
+        options = (dtype, mscale, torch.is_inference_mode_enabled())
         if (self.tensors[0] is not freqs or self.tensors[1] is not cu_seqlens
-                or self.options != (dtype, mscale)):
-            self.tensors, self.options = (freqs, cu_seqlens), (dtype, mscale)
-            self.value = _cos_sin(freqs, cu_seqlens, dtype, mscale)
+                or self.options != options):
+            self.tensors, self.options = (freqs, cu_seqlens), options
+            self.value = _cos_sin(freqs, cu_seqlens, dtype, mscale, tokens)
         return self.value
 
 
-def _cos_sin(freqs, cu_seqlens, dtype, mscale):
-    """[s, 1, 1, d] angles for [s, b, heads, d]; with cu_seqlens, [t, 1, d] for [t, heads, d]
-    packed samples, whose positions restart at 0 per sample, or, where freqs covers all t
-    positions, run on through the batch (both as megatron-core's THD path at CP=1)."""
+def _cos_sin(freqs, cu_seqlens, dtype, mscale, tokens):
+    """[s, 1, 1, d] angles for [s, b, heads, d]; with cu_seqlens, [t, 1, d] for the `tokens`
+    = t rows of [t, heads, d] packed samples, whose positions restart at 0 per sample, or,
+    where freqs covers all t positions, run on through the batch (both as megatron-core's THD
+    path at CP=1)."""
     if cu_seqlens is not None:
-        cu = cu_seqlens.to(torch.long)
-        starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
-        positions = torch.arange(starts.numel(), device=freqs.device)
-        if freqs.shape[0] != starts.numel():
+        cu = cu_seqlens.to(freqs.device, torch.long)
+        starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=tokens)
+        positions = torch.arange(tokens, device=freqs.device)
+        if freqs.shape[0] != tokens:
             positions = positions - starts
         freqs = freqs[positions].squeeze(1)
     return (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype)
@@ -84,5 +87,5 @@ def rotary_runs_here(t, freqs, config, cp_group) -> bool:
 
 def apply_rotary_pos_emb(t, freqs, cu_seqlens=None, mscale: float = 1.0):
     """megatron-core's `apply_rotary_pos_emb` for the cases `rotary_runs_here` accepts."""
-    cos, sin = _angles.get(freqs, cu_seqlens, t.dtype, mscale)
+    cos, sin = _angles.get(freqs, cu_seqlens, t.dtype, mscale, t.shape[0])
     return _Rotate.apply(t, cos, sin)

@@ -13,9 +13,10 @@ from pesc_megatron.model import rope
 
 
 def _freqs(n, d=16):
-    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    f = torch.outer(torch.arange(n, dtype=torch.float64), inv)
-    return torch.cat([f, f], -1)[:, None, None, :]
+    """Angles for n positions: random and different in the two halves (RoPE's own repeat
+    the halves), so that a rotation mixing up the halves' sines is seen."""
+    return 3 * torch.randn(n, 1, 1, d, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(n))
 
 
 CONFIG = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False,
@@ -52,10 +53,21 @@ def test_rope_equals_megatron_core(single_rank, layout):
 
 def test_angles_are_computed_once_per_forward(single_rank):
     freqs, cu = _freqs(7), torch.tensor([0, 5, 12], dtype=torch.int32)
-    first = rope._angles.get(freqs, cu, torch.float64, 1.0)
-    assert rope._angles.get(freqs, cu, torch.float64, 1.0) is first  # the next layer
-    assert rope._angles.get(freqs, cu.clone(), torch.float64, 1.0) is not first  # a new batch
-    assert rope._angles.get(freqs, cu, torch.float32, 1.0)[0].dtype == torch.float32
+    first = rope._angles.get(freqs, cu, torch.float64, 1.0, 12)
+    assert rope._angles.get(freqs, cu, torch.float64, 1.0, 12) is first  # the next layer
+    assert rope._angles.get(freqs, cu.clone(), torch.float64, 1.0, 12) is not first  # new batch
+    assert rope._angles.get(freqs, cu, torch.float32, 1.0, 12)[0].dtype == torch.float32
+
+
+def test_angles_from_inference_mode_do_not_reach_training(single_rank):
+    """megatron-core's RotaryEmbedding caches its freqs: the same object comes back for a
+    training forward after an inference-mode one, whose angles autograd could not save."""
+    freqs, t = _freqs(6), torch.randn(6, 1, 2, 16, dtype=torch.float64)
+    with torch.inference_mode():
+        rope.apply_rotary_pos_emb(t, freqs)
+    x = t.clone().requires_grad_(True)
+    rope.apply_rotary_pos_emb(x, freqs).sum().backward()
+    assert x.grad is not None
 
 
 def test_the_patch_runs_here_and_leaves_the_rest_to_megatron_core(single_rank):
@@ -71,3 +83,7 @@ def test_the_patch_runs_here_and_leaves_the_rest_to_megatron_core(single_rank):
     assert not rope.rotary_runs_here(t, freqs[..., :8], CONFIG, None)  # partial rotary
     torch.testing.assert_close(attention.apply_rotary_pos_emb(t, freqs, interleaved),
                                rope_utils.apply_rotary_pos_emb(t, freqs, interleaved))
+    packed, cu = torch.randn(9, 2, 16), torch.tensor([0, 4, 9], dtype=torch.int32)
+    freqs = _freqs(5).float()
+    torch.testing.assert_close(attention.apply_rotary_pos_emb(packed, freqs, CONFIG, cu),
+                               rope_utils.apply_rotary_pos_emb(packed, freqs, CONFIG, cu))
