@@ -6,7 +6,7 @@ sample), then runs mul, mul, neg, cat, add and a cat with the empty pass-through
 with its own backward. Here the angles are computed once per forward (the same `freqs` and
 `cu_seqlens` objects reach every layer) and the rotation is one autograd function of three
 passes each way: forward + backward of q and k, 9 + 3 heads x 64 over 1024 packed tokens,
-1.3 against 2.5 ms a layer."""
+1.1 against 2.7 ms a layer."""
 from __future__ import annotations
 
 import torch
