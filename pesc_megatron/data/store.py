@@ -29,6 +29,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -174,7 +175,12 @@ def _arrays(ids, mask, lengths, tok):
             np.asarray(lengths, np.int64))
 
 
-_WORKER: tuple = ()  # (tok, loss_on, on_error), set before the pool forks
+_WORKER: tuple = ()  # (tok, loss_on, on_error) in a worker process
+
+
+def _start_worker(*args) -> None:
+    global _WORKER
+    _WORKER = args
 
 
 def _work(chunk: Chunk) -> ChunkTokens:
@@ -184,26 +190,34 @@ def _work(chunk: Chunk) -> ChunkTokens:
 def tokenized_chunks(src: Source, tok: Tokenizer, loss_on: str, on_error: str,
                      num_workers: int = 1) -> Iterator[ChunkTokens]:
     """The source's chunks tokenised, in order; a bad record under on_error=raise raises."""
-    global _WORKER
     chunks = iter_chunks(src)
     if num_workers <= 1:
         results = (tokenize_chunk(c, tok, loss_on, on_error) for c in chunks)
         yield from _raising(results)
         return
-    _WORKER = (tok, loss_on, on_error)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # each worker is one thread
-    with mp.get_context("fork").Pool(num_workers) as pool:
+    # concurrent.futures, not multiprocessing.Pool: the workers inherit `pesc train`'s SIGTERM
+    # handler (train/preemption.py), which records the signal instead of exiting, and
+    # Pool.terminate() on leaving relies on SIGTERM to end a worker still waiting for a task:
+    # `pesc train` hung there (tests/data/test_sources.py). The executor ends its workers with
+    # sentinels, and a worker that dies fails the build (BrokenProcessPool) instead of losing
+    # its chunk and waiting for it forever.
+    pool = ProcessPoolExecutor(num_workers, mp.get_context("fork"), initializer=_start_worker,
+                               initargs=(tok, loss_on, on_error))
+    try:
         pending: collections.deque = collections.deque()
 
         def results() -> Iterator[ChunkTokens]:
             for c in chunks:
-                pending.append(pool.apply_async(_work, (c,)))
+                pending.append(pool.submit(_work, c))
                 if len(pending) >= 2 * num_workers:
-                    yield pending.popleft().get()
+                    yield pending.popleft().result()
             while pending:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
 
         yield from _raising(results())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _raising(results: Iterator[ChunkTokens]) -> Iterator[ChunkTokens]:

@@ -2,6 +2,8 @@
 JSONL file give exactly its dataset; column mapping; corrupt files; stores written by
 `pesc preprocess` and by N workers; nothing half-written."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,3 +163,23 @@ def test_workers_write_the_same_store(sp, tmp_path):
     with pytest.raises(DataError, match=r"d.jsonl:1235: unknown record format"):
         build_dataset([f], sp, seq_length=32, cache_dir=tmp_path / "c", num_workers=2)
     assert not list((tmp_path / "c").iterdir())
+
+
+@pytest.mark.multiprocess
+def test_workers_end_under_pesc_trains_signal_handlers(sp, tmp_path):
+    """`pesc train` records SIGTERM instead of exiting (train/preemption.py) and its tokenising
+    workers inherit that: their pool must still end them (multiprocessing.Pool's terminate()
+    relies on SIGTERM: with it, 40 builds hung in each of two tries). In a process of its own."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": f"cats and dogs {i}"} for i in range(500)])
+    script = f"""
+from pesc_megatron.data import build_dataset, load_tokenizer
+from pesc_megatron.train import preemption
+preemption.record_signals()
+tok = load_tokenizer({str(sp.path)!r})
+sizes = {{len(build_dataset([{str(f)!r}], tok, seq_length=32, num_workers=2)) for _ in range(40)}}
+print(sizes)
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "{500}"

@@ -131,7 +131,8 @@ def make_job(root: Path, train_records: int, **sections) -> tuple[Path, Path]:
 
 # Running it as users do: torchrun (gloo, CPU), from the repository root.
 ROOT = Path(__file__).resolve().parents[2]  # the repository
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
+TIMEOUT = 600  # seconds for one job: a hang fails its test with every process's stacks
 
 
 def torchrun(nproc: int, *args, popen: bool = False, env: dict | None = None,
@@ -144,10 +145,32 @@ def torchrun(nproc: int, *args, popen: bool = False, env: dict | None = None,
     if popen:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         **kwargs)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = dump_stacks_and_kill(proc)
+        raise AssertionError(f"{' '.join(cmd)}\nran past {TIMEOUT} s; every process's Python "
+                             f"stacks (faulthandler):\n{stdout[-3000:]}{stderr[-20000:]}")
+    run = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert run.returncode == 0 or not check, run.stdout[-3000:] + run.stderr[-3000:]
     return run
+
+
+def dump_stacks_and_kill(proc: subprocess.Popen) -> tuple[str, str]:
+    """A hung job's diagnosis: SIGABRT to torchrun's workers and their children makes
+    faulthandler (PYTHONFAULTHANDLER, in ENV) print every thread's stack; then SIGKILL to all.
+    Returns what the job printed."""
+    tree = psutil.Process(proc.pid)
+    for p in tree.children(recursive=True):
+        try:
+            p.send_signal(signal.SIGABRT)
+        except psutil.Error:
+            pass
+    time.sleep(5)
+    kill_tree(proc)
+    return proc.communicate()
 
 
 def train(nproc: int, config: Path, *overrides: str, **kwargs):
