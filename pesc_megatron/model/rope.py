@@ -38,19 +38,26 @@ class _Rotate(torch.autograd.Function):
 
 class _Angles:
     """cos and sin of the angles the last call saw, kept while the same freqs and cu_seqlens
-    objects come back (compared by identity, with references held, so an id is never reused)."""
+    objects come back unchanged (compared by identity, with references held, so an id is never
+    reused, and by version counter, so an in-place update is seen)."""
 
     def __init__(self):
         self.tensors, self.options, self.value = (None, None), None, None
 
     def get(self, freqs, cu_seqlens, dtype, mscale, tokens):
         # inference-mode tensors cannot be saved for a later training forward's backward
-        options = (dtype, mscale, torch.is_inference_mode_enabled())
+        options = (dtype, mscale, torch.is_inference_mode_enabled(), _version(freqs),
+                   _version(cu_seqlens))
         if (self.tensors[0] is not freqs or self.tensors[1] is not cu_seqlens
                 or self.options != options):
             self.tensors, self.options = (freqs, cu_seqlens), options
             self.value = _cos_sin(freqs, cu_seqlens, dtype, mscale, tokens)
         return self.value
+
+
+def _version(t):
+    # inference tensors have no version counter (nothing updates them within a forward)
+    return None if t is None or t.is_inference() else t._version
 
 
 def _cos_sin(freqs, cu_seqlens, dtype, mscale, tokens):

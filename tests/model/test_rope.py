@@ -59,6 +59,17 @@ def test_angles_are_computed_once_per_forward(single_rank):
     assert rope._angles.get(freqs, cu, torch.float32, 1.0, 12)[0].dtype == torch.float32
 
 
+def test_angles_follow_an_in_place_update(single_rank):
+    """A loader that refills one cu_seqlens tensor for each micro-batch: the same object, new
+    sample boundaries, megatron-core's angles for them."""
+    freqs, cu = _freqs(9), torch.tensor([0, 5, 12], dtype=torch.int32)
+    t = torch.randn(12, 3, 16, dtype=torch.float64)
+    _both(t, freqs, cu)
+    cu.copy_(torch.tensor([0, 9, 12], dtype=torch.int32))
+    (ours, _), (ref, _) = _both(t, freqs, cu)
+    torch.testing.assert_close(ours, ref, rtol=1e-14, atol=1e-14)
+
+
 def test_angles_from_inference_mode_do_not_reach_training(single_rank):
     """megatron-core's RotaryEmbedding caches its freqs: the same object comes back for a
     training forward after an inference-mode one, whose angles autograd could not save."""
