@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from pesc_megatron.model.config import (
     LINEAR_TARGETS,
+    LORA_LINEAR_OF,
     LoRAConfig,
     ModelConfig,
     PESCConfig,
@@ -243,14 +244,21 @@ def layer_activations(job: Job, lay: Layout, core_attention: bool = True,
 
 
 def _lora_activations(job: Job, lay: Layout) -> float:
-    """Per layer: each target's dropped input (+ mask; one shared input without dropout) and
-    its rank-r A output. Column targets read the sequence shard and their A output is gathered
-    over the sequence; row targets read a hidden shard and their A output is reduce-scattered."""
+    """Per layer: each target's 1-byte dropout mask and rank-r A output, and each input the
+    targets read, once, where nothing else keeps it already (model/lora.py keeps the input and
+    the masks, not the dropped inputs; the frozen base's linears keep no input). q, k, v share
+    the input norm's output; o_proj reads the core attention's output, which the fused
+    attention keeps without recompute; gate and up read the router's input (counted); down_proj
+    reads the SwiGLU output, which the fused SwiGLU recomputes. Column targets read the sequence
+    shard and their A output is gathered over the sequence; row targets read a hidden shard and
+    their A output is reduce-scattered."""
     m, lora, a = job.model, job.lora, DTYPE_BYTES[job.dtype]
     t, r = job.seq * job.micro_batch, lora.rank
     shapes = lora_shapes(m)
     total = 0.0
-    shared_inputs = set()
+    kept = {"linear_fc1"}
+    if job.attention != "local" and job.recompute == "none":
+        kept.add("linear_proj")
     for target in lora.targets:
         fan_in = shapes[target][0]
         if lora_column_parallel(target):
@@ -258,9 +266,9 @@ def _lora_activations(job: Job, lay: Layout) -> float:
         else:
             tokens, in_part, out_tokens = t, fan_in // lay.tp, t / lay.tp
         if lora.dropout > 0:
-            total += tokens * in_part * (a + 1)
-        elif (in_part, tokens) not in shared_inputs:  # q, k, v (gate, up) share one input
-            shared_inputs.add((in_part, tokens))
+            total += tokens * in_part
+        if LORA_LINEAR_OF[target] not in kept:
+            kept.add(LORA_LINEAR_OF[target])
             total += tokens * in_part * a
         total += out_tokens * r * a
     return total

@@ -23,12 +23,44 @@ import math
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.module import MegatronModule
 
 from pesc_megatron.model.config import COLUMN_PARALLEL_LINEARS, LINEAR_TARGETS
-from pesc_megatron.model.pesc_layer import dropout_unscaled
+from pesc_megatron.model.pesc_layer import dropout_mask
 
+
+class _DroppedA(torch.autograd.Function):
+    """The A products of the parts that read one input x, each part over its own dropout mask:
+    cat_p((x * m_p) @ A_p^T). Autograd through `x * m_p` and a linear would keep each part's
+    dropped copy of x for A's gradient (4 bytes an element, three for q, k, v); this keeps x
+    once and the 1-byte masks, and forms each copy again in backward (time neutral on CPU:
+    docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(ctx, x, masks, *weights):
+        ctx.save_for_backward(x, *masks, *weights)
+        hs = [torch.matmul(x * m, w.t()) for m, w in zip(masks, weights)]
+        return hs[0] if len(hs) == 1 else torch.cat(hs, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *rest = ctx.saved_tensors
+        n = len(rest) // 2
+        x2 = x.reshape(-1, x.shape[-1])
+        grads = grad.reshape(-1, grad.shape[-1]).split([w.shape[0] for w in rest[n:]], dim=-1)
+        dx, dws = None, []
+        for i, (m, w, g) in enumerate(zip(rest[:n], rest[n:], grads)):
+            m2 = m.reshape(x2.shape).to(x.dtype)  # once: a uint8 operand is cast per product
+            dws.append(g.t() @ (x2 * m2) if ctx.needs_input_grad[2 + i] else None)
+            if ctx.needs_input_grad[0]:
+                gx = (g @ w).mul_(m2)
+                dx = gx if dx is None else dx.add_(gx)
+        return (None if dx is None else dx.view(x.shape)), None, *dws
 
 
 def _uniform_init(fan_in: int):
@@ -113,29 +145,32 @@ class LoRA(MegatronModule):
             return {"gate_proj": output_size // 2, "up_proj": output_size // 2}
         return {LINEAR_TARGETS[name][0]: output_size}
 
-    def _dropout(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(x with dropped elements zeroed, the dropout's rescaling): LoRA is linear in its
-        input, so the rescaling joins `scaling` on the output."""
+    def _down(self, x: torch.Tensor, pairs: list) -> tuple[torch.Tensor, float]:
+        """(The parts' local A products side by side, the dropout's rescaling). Each part
+        draws its own mask, as PEFT's per-module dropout; LoRA is linear in its input, so the
+        rescaling joins `scaling` on the r-wide output."""
+        weights = [pair.lora_A.weight for pair in pairs]
         if not self.training or self.dropout == 0:
-            return x, 1.0
+            hs = [torch.matmul(x, w.t()) for w in weights]
+            return (hs[0] if len(hs) == 1 else torch.cat(hs, dim=-1)), 1.0
         # x differs over TP ranks (a sequence or hidden shard): TP-rank-specific masks.
         with tensor_parallel.get_cuda_rng_tracker().fork():
-            return dropout_unscaled(x, self.dropout)
+            drawn = [dropout_mask(x, self.dropout) for _ in weights]
+        return _DroppedA.apply(x, [m for m, _ in drawn], *weights), drawn[0][1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The scalings multiply the r-wide A output, not B's [tokens, out] one: the same
         # product (B is linear), a pass over the wide output fewer forward and backward.
         pairs = [getattr(self, p) for p in self.parts]
+        h, rescale = self._down(x, pairs)
+        h = h * (self.scaling * rescale)  # one p for all parts: the same rescaling
         if not self.column:
-            kept, rescale = self._dropout(x)
-            h, _ = pairs[0].lora_A(kept)
-            return pairs[0].lora_B(h * (self.scaling * rescale))
-        # Each projection draws its own dropout mask, as PEFT's per-module dropout.
-        hs, rescale = [], 1.0
-        for pair in pairs:  # one p for all parts: the same rescaling
-            kept, rescale = self._dropout(x)
-            hs.append(pair.lora_A(kept))
-        h = torch.cat(hs, dim=-1) * (self.scaling * rescale)
+            # A is row-parallel: its output reduced over TP as RowParallelLinear's.
+            if self.config.sequence_parallel:
+                h = reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
+            else:
+                h = reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
+            return pairs[0].lora_B(h)
         if self.config.sequence_parallel:
             # Backward splits instead of reduce-scattering: B's input gradient is all-reduced
             # over TP inside B, so every rank already holds the full gradient.

@@ -67,26 +67,35 @@ def _torch_linear_init(weight: torch.Tensor) -> None:
     torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
-def dropout_unscaled(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """Training-mode dropout without its rescaling: x with a fraction p of its elements zeroed,
-    and the factor 1 / (1 - p) for the caller to apply where it is cheapest (after the next
-    linear map, on its narrower output: a pass over x fewer, forward and backward). On CPU the
-    mask takes 16 random bits per element, four from each 64-bit draw (`random_` over int64's
-    full range, uniform in all 64 bits), about a fifth of bernoulli_'s cost; p is realised to a
-    multiple of 1/65536 and the factor is exactly 1 / (1 - that p), so the expectation is
-    unchanged. On CUDA it is F.dropout, already scaled (factor 1)."""
-    if p == 0.0:
-        return x, 1.0
+def dropout_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A training-mode dropout mask for x (uint8, 1 = kept; p > 0) and its rescaling factor.
+    On CPU it takes 16 random bits per element, four from each 64-bit draw (`random_` over
+    int64's full range, uniform in all 64 bits), about a fifth of bernoulli_'s cost; p is
+    realised to a multiple of 1/65536 and the factor is exactly 1 / (1 - that p), so the
+    expectation is unchanged. On CUDA it is bernoulli_ at 1 - p."""
     if x.is_cuda:
-        return F.dropout(x, p, training=True), 1.0
+        return torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1 - p), \
+            1 / (1 - p)
     threshold = round(p * 65536)
     words = torch.empty(-(-x.numel() // 4), dtype=torch.int64, device=x.device).random_(
         -2**63, None)
     keep = (words.view(torch.int16)[: x.numel()] >= threshold - 32768).view(x.shape)
-    # x * mask, the mask's bytes read as uint8 (a view, kept for backward as 1 byte an
-    # element): forward + backward 1.0 against 3.9 ms for where(keep, x, 0) at [2048, 576],
-    # whose backward also materialises a zero tensor
-    return x * keep.view(torch.uint8), 65536 / (65536 - threshold)
+    # the bool mask's bytes read as uint8 (a view): x * mask forward + backward 1.0 against
+    # 3.9 ms for where(keep, x, 0) at [2048, 576], whose backward also materialises zeros
+    return keep.view(torch.uint8), 65536 / (65536 - threshold)
+
+
+def dropout_unscaled(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """Training-mode dropout without its rescaling: x with a fraction p of its elements zeroed,
+    and the factor 1 / (1 - p) for the caller to apply where it is cheapest (after the next
+    linear map, on its narrower output: a pass over x fewer, forward and backward); autograd
+    keeps the mask, 1 byte an element. On CUDA it is F.dropout, already scaled (factor 1)."""
+    if p == 0.0:
+        return x, 1.0
+    if x.is_cuda:
+        return F.dropout(x, p, training=True), 1.0
+    keep, factor = dropout_mask(x, p)
+    return x * keep, factor
 
 
 class PESCRouter(TopKRouter):

@@ -57,6 +57,7 @@ def _saved_bytes(model, tokens, mask) -> int:
     (2, True, "selective"),
     (2, True, "full"),
     (4, False, "selective"),
+    (2, "no dropout", "none"),  # LoRA's inputs kept once, as without dropout they are read
 ])
 def test_saved_activations_match_what_autograd_keeps(single_rank, kv_heads, lora, recompute,
                                                      attention):
@@ -66,7 +67,8 @@ def test_saved_activations_match_what_autograd_keeps(single_rank, kv_heads, lora
                             num_attention_heads=4, num_key_value_heads=kv_heads,
                             vocab_size=128, max_position_embeddings=64)
     pesc = PESCConfig(num_experts=4, topk=2, adapter_dim=16, adapter_dropout=0.1)
-    lora_cfg = LoRAConfig(list(LORA_TARGETS), rank=8) if lora else LoRAConfig()
+    lora_cfg = LoRAConfig(list(LORA_TARGETS), rank=8, dropout=0.0 if lora == "no dropout"
+                          else 0.1) if lora else LoRAConfig()
     job = Job(model_cfg, pesc, lora_cfg, seq=64, micro_batch=2, dtype="fp32",
               recompute=recompute, attention=attention)
     model = build_model(model_cfg, pesc, ParallelConfig(), lora=lora_cfg, recompute=recompute,

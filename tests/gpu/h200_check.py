@@ -1,5 +1,6 @@
 """GPU check for one H200 (run by tests/gpu/run_h200.sh): PESC forward/backward parity CUDA vs
-CPU on a tiny model (packed sequences, GQA, the fused attention and grouped experts), the
+CPU on a tiny model (packed sequences, GQA, the fused attention, grouped experts and LoRA on
+all seven projections), LoRA's dropout masks and its A products over them, the
 fused attention's varlen kernel against its per-sample SDPA path (bf16, error and time), the
 grouped-GEMM experts against megatron-core's loop (bf16, error and time), then tokens/s and
 model FLOP utilisation (MFU) of a Yi-34B-shaped PESC layer stack in bf16 and with the FP8 and
@@ -30,9 +31,9 @@ TINY = dict(hidden=64, ffn=128, heads=4, kv_heads=2, experts=4, topk=2, adapter=
 PEAK = {"bf16": 989e12, "fp8": 1979e12}
 
 
-def build(shape: dict, layers: int, dtype: str):
+def build(shape: dict, layers: int, dtype: str, lora: bool = False):
     from pesc_megatron.model.builder import build_model
-    from pesc_megatron.model.config import ModelConfig, PESCConfig
+    from pesc_megatron.model.config import LORA_TARGETS, LoRAConfig, ModelConfig, PESCConfig
     from pesc_megatron.parallel.config import ParallelConfig
 
     return build_model(
@@ -42,7 +43,8 @@ def build(shape: dict, layers: int, dtype: str):
                     max_position_embeddings=8192),
         PESCConfig(num_experts=shape["experts"], topk=shape["topk"],
                    adapter_dim=shape["adapter"], adapter_dropout=0.0),
-        ParallelConfig(), dtype=dtype)
+        ParallelConfig(), dtype=dtype,
+        lora=LoRAConfig(list(LORA_TARGETS), rank=8, dropout=0.0) if lora else None)
 
 
 def batch(seq: int, mbs: int, device) -> dict:
@@ -76,8 +78,8 @@ def cpu_reference(path: str) -> None:
     from pesc_megatron.parallel.distributed import destroy, initialize
 
     initialize(ParallelConfig(), seed=3)
-    model = build(TINY, 2, "fp32")
-    with torch.no_grad():  # non-zero adapters: every trainable tensor gets a gradient
+    model = build(TINY, 2, "fp32", lora=True)
+    with torch.no_grad():  # non-zero adapters and LoRA: every trainable tensor gets a gradient
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.2)
@@ -94,7 +96,7 @@ def parity(workdir: str) -> dict:
     subprocess.run([sys.executable, __file__, "--cpu-reference", path], check=True,
                    env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     ref = torch.load(path, weights_only=False)  # megatron-core's _extra_state entries
-    model = build(TINY, 2, "fp32")
+    model = build(TINY, 2, "fp32", lora=True)
     model.load_state_dict(ref["state"])
     loss = step(model, batch(32, 2, next(model.parameters()).device)).item()
     worst = 0.0
@@ -215,6 +217,27 @@ def experts_check(shape: dict, tokens: int, device) -> dict:
     return result
 
 
+def lora_dropout_check(device) -> dict:
+    """LoRA's dropout on this device: the masks' keep rate, and its A products over the masks
+    (one autograd function) against autograd through x * mask and the product, fp32."""
+    from pesc_megatron.model.lora import _DroppedA
+    from pesc_megatron.model.pesc_layer import dropout_mask
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2048, 1, 512, generator=g).to(device).requires_grad_()
+    weights = [torch.randn(64, 512, generator=g).to(device).requires_grad_() for _ in range(3)]
+    drawn = [dropout_mask(x, 0.1) for _ in weights]
+    masks = [m for m, _ in drawn]
+    grad = torch.randn(2048, 1, 192, generator=g).to(device)
+    got = torch.autograd.grad(_DroppedA.apply(x, masks, *weights), [x, *weights], grad)
+    want = torch.autograd.grad(torch.cat([(x * m) @ w.t() for m, w in zip(masks, weights)], -1),
+                               [x, *weights], grad)
+    err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))
+    keep = torch.stack(masks).float().mean().item()
+    return dict(ok=err < 1e-4 and abs(keep - 0.9) < 0.005, keep_rate=keep,
+                factor=drawn[0][1], max_grad_rel_err=err)
+
+
 def step_flops(shape: dict, layers: int, seq: int) -> float:
     h, f, d = shape["hidden"], shape["ffn"], shape["hidden"] // shape["heads"]
     projections = 2 * h * (2 * h + 2 * shape["kv_heads"] * d) + 6 * h * f
@@ -306,6 +329,8 @@ def main() -> None:
     print(f"fused attention, varlen vs per-sample SDPA: {result['attention']}", flush=True)
     result["experts"] = experts_check(shape, seq, dev)
     print(f"adapter experts, grouped vs sequential: {result['experts']}", flush=True)
+    result["lora_dropout"] = lora_dropout_check(dev)
+    print(f"LoRA dropout, masks and A products: {result['lora_dropout']}", flush=True)
     layers = args.layers or layers_that_fit(shape, seq, args.micro_batch, dev)
     result["runs"] = [throughput(shape, layers, seq, args.micro_batch, frozen, args.steps, dev)
                       for frozen in ("bf16", "fp8", "nf4")]
@@ -318,7 +343,8 @@ def main() -> None:
               f"{r['peak_bytes'] / 2**30:.1f} |")
     print(json.dumps(result))
     if not result["parity"]["ok"] or not all(result[k].get("ok", True)
-                                             for k in ("attention", "experts")):
+                                             for k in ("attention", "experts",
+                                                       "lora_dropout")):
         sys.exit(1)
 
 

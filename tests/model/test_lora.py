@@ -139,3 +139,44 @@ def test_lora_dropout_is_unbiased(single_rank, name):
         draws = torch.stack([linear.lora(x) for _ in range(4000)])
     assert not torch.equal(draws[0], draws[1])
     torch.testing.assert_close(draws.mean(0), want, rtol=0, atol=0.06 * want.abs().max().item())
+
+
+def test_dropped_a_products_equal_autograd_and_keep_no_copies(single_rank):
+    """The parts' A products over their own dropout masks (one autograd function) equal
+    autograd through x * mask and the product in float64, value and every gradient, and what
+    backward keeps is x and the 1-byte masks, not a dropped float copy of x per part."""
+    from pesc_megatron.model.lora import _DroppedA
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 32, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(4, 32, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    masks = [(torch.rand(6, 2, 32) > 0.3).to(torch.uint8) for _ in range(3)]
+    grad = torch.randn(6, 2, 12, dtype=torch.float64)
+    got = _DroppedA.apply(x, masks, *weights)
+    got_grads = torch.autograd.grad(got, [x, *weights], grad)
+    want = torch.cat([(x * m) @ w.t() for m, w in zip(masks, weights)], dim=-1)
+    want_grads = torch.autograd.grad(want, [x, *weights], grad)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, *w: _DroppedA.apply(x, masks, *w),
+                                    (x, *weights))
+
+    from pesc_megatron.model.builder import build_model
+
+    lora = LoRAConfig(targets=list(LORA_TARGETS), rank=4, alpha=8.0, dropout=0.1)
+    model = build_model(MODEL, PESC, ParallelConfig(), lora=lora)
+    linear = model.decoder.layers[0].self_attention.linear_qkv
+    x = torch.randn(64, 2, 32, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        linear.lora.train()(x).sum().backward()
+    weights = sum(p.numel() * 4 for p in linear.lora.parameters())
+    rank_wide = 64 * 2 * 3 * 4 * 4  # B's input: the tokens' r-wide products of three parts
+    # x (4 bytes an element) and three 1-byte masks, besides the weights and B's input
+    assert sum(saved.values()) <= x.numel() * (4 + 3) + weights + rank_wide
