@@ -87,6 +87,7 @@ class Job:
     recompute: str = "none"
     attention: str = "sdpa"  # sdpa (fused: no s^2 term) or local (megatron-core's unfused)
     experts: str = "grouped"  # grouped (stacked weights kept for backward) or sequential
+    packed: bool = True  # packed (THD) micro-batches, as `pesc train` runs
 
 
 # ------------------------------------------------------------------------------------------
@@ -239,16 +240,18 @@ def layer_activations(job: Job, lay: Layout, core_attention: bool = True,
     if job.experts == "grouped":  # the local experts' weights, stacked for the grouped GEMMs
         total += 2 * p.num_experts // lay.ep * p.adapter_dim // lay.etp * h * a
     if lora.enabled:
-        total += _lora_activations(job, lay)
+        total += _lora_activations(job, lay, core_attention)
     return total
 
 
-def _lora_activations(job: Job, lay: Layout) -> float:
+def _lora_activations(job: Job, lay: Layout, core_attention: bool = True) -> float:
     """Per layer: each target's 1-byte dropout mask and rank-r A output, and each input the
     targets read, once, where nothing else keeps it already (model/lora.py keeps the input and
     the masks, not the dropped inputs; the frozen base's linears keep no input). q, k, v share
     the input norm's output; o_proj reads the core attention's output, which the fused
-    attention keeps without recompute; gate and up read the router's input (counted); down_proj
+    attention keeps when it needs a gradient, without recompute, on unpacked batches (a packed
+    batch's output is the samples' outputs concatenated, a new tensor); gate and up read the
+    router's input (counted); down_proj
     reads the SwiGLU output, which the fused SwiGLU recomputes. Column targets read the sequence
     shard and their A output is gathered over the sequence; row targets read a hidden shard and
     their A output is reduce-scattered."""
@@ -257,7 +260,8 @@ def _lora_activations(job: Job, lay: Layout) -> float:
     shapes = lora_shapes(m)
     total = 0.0
     kept = {"linear_fc1"}
-    if job.attention != "local" and job.recompute == "none":
+    if (core_attention and job.attention != "local" and job.recompute == "none"
+            and not job.packed):
         kept.add("linear_proj")
     for target in lora.targets:
         fan_in = shapes[target][0]

@@ -149,6 +149,9 @@ class LoRA(MegatronModule):
         """(The parts' local A products side by side, the dropout's rescaling). Each part
         draws its own mask, as PEFT's per-module dropout; LoRA is linear in its input, so the
         rescaling joins `scaling` on the r-wide output."""
+        # A's weights are used directly, not through lora_A's forward, so module hooks on it
+        # would not run: none is registered (DDP's overlapped parameter gather, gradient-
+        # accumulation fusion and CPU offloading stay off: megatron-core's defaults, kept).
         weights = [pair.lora_A.weight for pair in pairs]
         if not self.training or self.dropout == 0:
             hs = [torch.matmul(x, w.t()) for w in weights]

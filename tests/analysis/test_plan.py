@@ -33,7 +33,7 @@ def test_counts_on_one_gpu_equal_the_model_sizes(preset):
     assert split["routers"] * 2 == counts["routers"]
 
 
-def _saved_bytes(model, tokens, mask) -> int:
+def _saved_bytes(model, tokens, mask, position_ids=None, **kwargs) -> int:
     """Bytes of the distinct storages autograd keeps for backward, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
@@ -44,9 +44,10 @@ def _saved_bytes(model, tokens, mask) -> int:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
+    if position_ids is None:
+        position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens, position_ids, mask)  # logits: no loss, so nothing of the loss is kept
+        model(tokens, position_ids, mask, **kwargs)  # logits: no loss, so nothing of it kept
     return sum(saved.values())
 
 
@@ -70,7 +71,7 @@ def test_saved_activations_match_what_autograd_keeps(single_rank, kv_heads, lora
     lora_cfg = LoRAConfig(list(LORA_TARGETS), rank=8, dropout=0.0 if lora == "no dropout"
                           else 0.1) if lora else LoRAConfig()
     job = Job(model_cfg, pesc, lora_cfg, seq=64, micro_batch=2, dtype="fp32",
-              recompute=recompute, attention=attention)
+              recompute=recompute, attention=attention, packed=False)
     model = build_model(model_cfg, pesc, ParallelConfig(), lora=lora_cfg, recompute=recompute,
                         attention=attention)
     model.train()  # dropout masks are kept too
@@ -81,6 +82,33 @@ def test_saved_activations_match_what_autograd_keeps(single_rank, kv_heads, lora
     predicted = stage_activations(job, Layout(), stage=0)["saved"]
     # Not exact: small bookkeeping tensors (norm statistics, routing indices) are estimates.
     assert _saved_bytes(model, tokens, mask) == pytest.approx(predicted, rel=0.01)
+
+
+def test_saved_activations_of_a_packed_batch_with_lora(single_rank):
+    """Packed (THD) micro-batches, as `pesc train` runs them, with the fused attention and
+    LoRA on all seven projections: o_proj's input is the samples' outputs concatenated, a
+    tensor the attention itself does not keep."""
+    from pesc_megatron.data import collate
+    from pesc_megatron.model.builder import build_model
+    from pesc_megatron.train.step import model_inputs
+
+    model_cfg = ModelConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                            max_position_embeddings=64)
+    pesc = PESCConfig(num_experts=4, topk=2, adapter_dim=16, adapter_dropout=0.1)
+    lora_cfg = LoRAConfig(list(LORA_TARGETS), rank=8)
+    job = Job(model_cfg, pesc, lora_cfg, seq=64, micro_batch=2, dtype="fp32")
+    model = build_model(model_cfg, pesc, ParallelConfig(), lora=lora_cfg).train()
+    tokens = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    bounds = torch.tensor([0, 32, 48, 64], dtype=torch.int32)
+    items = [dict(tokens=tokens[i], labels=tokens[i], loss_mask=torch.ones(64),
+                  position_ids=torch.cat([torch.arange(n) for n in bounds.diff().tolist()]),
+                  cu_seqlens=bounds) for i in range(2)]
+    data = model_inputs(collate(items))
+    saved = _saved_bytes(model, data["tokens"], data["attention_mask"], data["position_ids"],
+                         packed_seq_params=data["packed_seq_params"])
+    predicted = stage_activations(job, Layout(), stage=0)["saved"]
+    assert saved == pytest.approx(predicted, rel=0.01)
 
 
 def _plan(capsys, *args):

@@ -323,14 +323,14 @@ def main() -> None:
     result = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                   torch=torch.__version__, parity=parity(args.workdir))
     print(f"parity CUDA vs CPU: {result['parity']}", flush=True)
+    result["lora_dropout"] = lora_dropout_check(dev)  # fp32 too: before TF32 is allowed
+    print(f"LoRA dropout, masks and A products: {result['lora_dropout']}", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     shape, seq = (TINY, 32) if args.dry_run else (YI34B, args.seq)
     result["attention"] = attention_check(shape, 4 * seq, dev)
     print(f"fused attention, varlen vs per-sample SDPA: {result['attention']}", flush=True)
     result["experts"] = experts_check(shape, seq, dev)
     print(f"adapter experts, grouped vs sequential: {result['experts']}", flush=True)
-    result["lora_dropout"] = lora_dropout_check(dev)
-    print(f"LoRA dropout, masks and A products: {result['lora_dropout']}", flush=True)
     layers = args.layers or layers_that_fit(shape, seq, args.micro_batch, dev)
     result["runs"] = [throughput(shape, layers, seq, args.micro_batch, frozen, args.steps, dev)
                       for frozen in ("bf16", "fp8", "nf4")]
