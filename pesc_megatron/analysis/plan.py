@@ -251,10 +251,9 @@ def _lora_activations(job: Job, lay: Layout, core_attention: bool = True) -> flo
     the input norm's output; o_proj reads the core attention's output, which the fused
     attention keeps when it needs a gradient, without recompute, on unpacked batches (a packed
     batch's output is the samples' outputs concatenated, a new tensor); gate and up read the
-    router's input (counted); down_proj
-    reads the SwiGLU output, which the fused SwiGLU recomputes. Column targets read the sequence
-    shard and their A output is gathered over the sequence; row targets read a hidden shard and
-    their A output is reduce-scattered."""
+    router's input (counted); down_proj reads the SwiGLU output, which the fused SwiGLU
+    recomputes. Column targets read the sequence shard and their A output is gathered over the
+    sequence; row targets read a hidden shard and their A output is reduce-scattered."""
     m, lora, a = job.model, job.lora, DTYPE_BYTES[job.dtype]
     t, r = job.seq * job.micro_batch, lora.rank
     shapes = lora_shapes(m)
