@@ -24,6 +24,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
@@ -61,6 +62,48 @@ class _DroppedA(torch.autograd.Function):
                 gx = (g @ w).mul_(m2)
                 dx = gx if dx is None else dx.add_(gx)
         return (None if dx is None else dx.view(x.shape)), None, *dws
+
+
+class _AddB(torch.autograd.Function):
+    """out + each part's B product h_p @ B_p^T, added into the part's columns of out, which is
+    viewed as [tokens, groups, width] (qkv: per query group q, k, v; otherwise one group).
+    Writing into the base's output in place saves building the parts' outputs side by side
+    (a `cat`, with zeros for untargeted parts) and a separate add over the fused width; a view
+    (as a row-parallel output at TP = 1 is) is copied first, since autograd forbids changing
+    it in place."""
+
+    @staticmethod
+    def forward(ctx, out, groups, offsets, h, *weights):
+        ctx.groups, ctx.offsets = groups, offsets
+        ctx.save_for_backward(h, *weights)
+        inplace = out._base is None
+        result = out if inplace else out.clone()
+        tokens = result.view(-1, groups, result.shape[-1] // groups)
+        for hp, w, offset in zip(h.reshape(-1, h.shape[-1]).chunk(len(weights), dim=-1),
+                                 weights, offsets):
+            width = w.shape[0] // groups
+            if groups == 1:
+                tokens[:, 0, offset:offset + width].addmm_(hp, w.t())
+            else:
+                tokens[:, :, offset:offset + width].add_((hp @ w.t()).view(-1, groups, width))
+        if inplace:
+            ctx.mark_dirty(result)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, *weights = ctx.saved_tensors
+        groups = ctx.groups
+        tokens = grad.view(-1, groups, grad.shape[-1] // groups)
+        dh, dws = [], []
+        for i, (hp, w, offset) in enumerate(zip(
+                h.reshape(-1, h.shape[-1]).chunk(len(weights), dim=-1), weights, ctx.offsets)):
+            width = w.shape[0] // groups
+            g = tokens[:, :, offset:offset + width].reshape(-1, w.shape[0])
+            dh.append(g @ w)
+            dws.append(g.t() @ hp if ctx.needs_input_grad[4 + i] else None)
+        dh = (dh[0] if len(dh) == 1 else torch.cat(dh, dim=-1)).view(h.shape)
+        return grad, None, None, dh, *dws
 
 
 def _uniform_init(fan_in: int):
@@ -161,7 +204,8 @@ class LoRA(MegatronModule):
             drawn = [dropout_mask(x, self.dropout) for _ in weights]
         return _DroppedA.apply(x, [m for m, _ in drawn], *weights), drawn[0][1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` (the base's local output for input x) plus the LoRA updates."""
         # The scalings multiply the r-wide A output, not B's [tokens, out] one: the same
         # product (B is linear), a pass over the wide output fewer forward and backward.
         pairs = [getattr(self, p) for p in self.parts]
@@ -173,28 +217,28 @@ class LoRA(MegatronModule):
                 h = reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
             else:
                 h = reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
-            return pairs[0].lora_B(h)
+            return _AddB.apply(out, 1, [0], h, pairs[0].lora_B.weight)
         if self.config.sequence_parallel:
             # Backward splits instead of reduce-scattering: B's input gradient is all-reduced
-            # over TP inside B, so every rank already holds the full gradient.
+            # over TP below, so every rank already holds the full gradient.
             h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False,
                                                      group=self.tp_group)
-        outs = {p: pair.lora_B(hp)[0] for p, pair, hp in zip(self.parts, pairs,
-                                                             h.split(self.rank, dim=-1))}
-        return self._assemble(outs, h)
+        if self.config.tensor_model_parallel_size > 1:
+            # B is split on its output (ColumnParallelLinear's layout): h's gradient is a
+            # partial sum per rank, all-reduced once for all parts, as that layer would.
+            h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+        groups, offsets = self._layout()
+        return _AddB.apply(out, groups, offsets, h, *(pair.lora_B.weight for pair in pairs))
 
-    def _assemble(self, outs: dict, like: torch.Tensor) -> torch.Tensor:
-        """The parts' local outputs in the base's local output layout (zeros for parts
-        without LoRA): per query group q, k, v for qkv; gate then up for fc1."""
-        if len(outs) == len(LINEAR_TARGETS[self.name]) == 1:
-            return next(iter(outs.values()))
-        lead = like.shape[:-1]
-        full = [outs.get(t, like.new_zeros(*lead, self.local_sizes[t]))
-                for t in LINEAR_TARGETS[self.name]]
-        if self.name == "linear_qkv":
-            full = [t.reshape(*lead, self.local_groups, -1) for t in full]
-            return torch.cat(full, dim=-1).reshape(*lead, -1)
-        return torch.cat(full, dim=-1)
+    def _layout(self) -> tuple[int, list[int]]:
+        """The base's local output as [groups, width]: per query group q, k, v for qkv, one
+        group of gate then up for fc1; and each targeted part's column offset in a group."""
+        groups = self.local_groups if self.name == "linear_qkv" else 1
+        offsets, offset = {}, 0
+        for t in LINEAR_TARGETS[self.name]:
+            offsets[t] = offset
+            offset += self.local_sizes[t] // groups
+        return groups, [offsets[p] for p in self.parts]
 
 
 def _with_lora(base_cls, name: str):
@@ -208,7 +252,7 @@ def _with_lora(base_cls, name: str):
 
         def forward(self, input_, *args, **kwargs):
             output, bias = super().forward(input_, *args, **kwargs)
-            return output + self.lora(input_), bias
+            return self.lora(input_, output), bias
 
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
             # The base class would save every entry with the base weight's TP axis; the LoRA

@@ -134,9 +134,10 @@ def test_lora_dropout_is_unbiased(single_rank, name):
         for p in linear.lora.parameters():
             p.normal_(0, 0.3)
         x = torch.randn(3, 1, linear.weight.shape[1])
-        want = linear.lora.eval()(x)
+        zeros = x.new_zeros(3, 1, linear.weight.shape[0])
+        want = linear.lora.eval()(x, zeros.clone())
         linear.lora.train()
-        draws = torch.stack([linear.lora(x) for _ in range(4000)])
+        draws = torch.stack([linear.lora(x, zeros.clone()) for _ in range(4000)])
     assert not torch.equal(draws[0], draws[1])
     torch.testing.assert_close(draws.mean(0), want, rtol=0, atol=0.06 * want.abs().max().item())
 
@@ -175,8 +176,48 @@ def test_dropped_a_products_equal_autograd_and_keep_no_copies(single_rank):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        linear.lora.train()(x).sum().backward()
+        linear.lora.train()(x, x.new_zeros(64, 2, linear.weight.shape[0])).sum().backward()
     weights = sum(p.numel() * 4 for p in linear.lora.parameters())
     rank_wide = 64 * 2 * 3 * 4 * 4  # B's input: the tokens' r-wide products of three parts
     # x (4 bytes an element) and three 1-byte masks, besides the weights and B's input
     assert sum(saved.values()) <= x.numel() * (4 + 3) + weights + rank_wide
+
+
+@pytest.mark.parametrize("groups,offsets,view", [(3, [0, 4, 5], False), (3, [4], False),
+                                                 (1, [0, 6], False), (1, [0], True)])
+def test_b_products_added_in_place_equal_autograd(single_rank, groups, offsets, view):
+    """The parts' B products added into their columns of the base's output (per query group
+    for qkv) equal autograd through the products, a cat and an add in float64, value and every
+    gradient; a view is not changed in place."""
+    from pesc_megatron.model.lora import _AddB
+
+    torch.manual_seed(0)
+    width = 6 if groups == 3 else 12  # one group's columns: q 4, k 1, v 1 / gate 6, up 6
+    sizes = {0: 4 if groups == 3 else 6, 4: 1, 5: 1, 6: 6}
+    r = 3
+    weights = [torch.randn(sizes[o] * groups, r, dtype=torch.float64, requires_grad=True)
+               for o in offsets]
+    h = torch.randn(5, 2, r * len(offsets), dtype=torch.float64, requires_grad=True)
+    base = torch.randn(5, 2, groups * width, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(5, 2, groups * width, dtype=torch.float64)
+
+    def want_fn(base, h, *weights):
+        update = base.new_zeros(10, groups, width)
+        for hp, w, o in zip(h.reshape(10, -1).chunk(len(weights), -1), weights, offsets):
+            part = (hp @ w.t()).view(10, groups, -1)
+            update = update + torch.nn.functional.pad(
+                part, (o, width - o - part.shape[-1]))
+        return base + update.view(base.shape)
+
+    def got_fn(base, h, *weights):
+        out = base.view(base.shape) if view else base * 1.0
+        return _AddB.apply(out, groups, offsets, h, *weights)
+
+    want = want_fn(base, h, *weights)
+    got = got_fn(base, h, *weights)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    inputs = [base, h, *weights]
+    for g, w in zip(torch.autograd.grad(got, inputs, grad),
+                    torch.autograd.grad(want, inputs, grad)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(got_fn, tuple(inputs))
