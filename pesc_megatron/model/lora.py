@@ -163,7 +163,6 @@ class LoRA(MegatronModule):
         self.name = name
         self.scaling = config.pesc_lora_alpha / config.pesc_lora_rank
         self.dropout = config.pesc_lora_dropout
-        self.rank = config.pesc_lora_rank
         sizes = self._part_sizes(config, name, input_size, output_size)
         self.parts = [t for t in LINEAR_TARGETS[name] if t in config.pesc_lora_targets]
         for part in self.parts:
