@@ -153,14 +153,13 @@ class LoRAPair(MegatronModule):
 
 class LoRA(MegatronModule):
     """The LoRA updates of one megatron-core linear (`name`, a key of LINEAR_TARGETS) for the
-    targeted projections among its parts; `forward(x)` is the update of the base's local
-    output for the base's input x."""
+    targeted projections among its parts; `forward(x, out)` adds their updates for the base's
+    input x into `out`, the base's local output."""
 
     def __init__(self, config, name: str, input_size: int, output_size: int, tp_group):
         super().__init__(config)
         self.tp_group = tp_group  # the base linear's
         self.column = name in ("linear_qkv", "linear_fc1")
-        self.name = name
         self.scaling = config.pesc_lora_alpha / config.pesc_lora_rank
         self.dropout = config.pesc_lora_dropout
         sizes = self._part_sizes(config, name, input_size, output_size)
@@ -168,13 +167,16 @@ class LoRA(MegatronModule):
         for part in self.parts:
             self.add_module(part, LoRAPair(config, input_size, sizes[part], self.column,
                                            tp_group))
-        if name == "linear_qkv":
-            tp = config.tensor_model_parallel_size
-            self.local_groups = config.num_query_groups // tp
-            self.local_sizes = {t: sizes[t] // tp for t in LINEAR_TARGETS[name]}
-        elif self.column:
-            self.local_sizes = {t: sizes[t] // config.tensor_model_parallel_size
-                                for t in LINEAR_TARGETS[name]}
+        # The base's local output as [groups, width] (per query group q, k, v for qkv; one
+        # group of gate then up for fc1, of the one part for a row-parallel base) and each
+        # targeted part's column offset in a group: where _AddB adds its B product.
+        tp = config.tensor_model_parallel_size if self.column else 1
+        self.groups = config.num_query_groups // tp if name == "linear_qkv" else 1
+        offsets, offset = {}, 0
+        for t in LINEAR_TARGETS[name]:
+            offsets[t] = offset
+            offset += sizes[t] // tp // self.groups
+        self.offsets = [offsets[p] for p in self.parts]
 
     @staticmethod
     def _part_sizes(config, name, input_size, output_size) -> dict[str, int]:
@@ -216,7 +218,7 @@ class LoRA(MegatronModule):
                 h = reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
             else:
                 h = reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
-            return _AddB.apply(out, 1, [0], h, pairs[0].lora_B.weight)
+            return _AddB.apply(out, self.groups, self.offsets, h, pairs[0].lora_B.weight)
         if self.config.sequence_parallel:
             # Backward splits instead of reduce-scattering: B's input gradient is all-reduced
             # over TP below, so every rank already holds the full gradient.
@@ -226,18 +228,8 @@ class LoRA(MegatronModule):
             # B is split on its output (ColumnParallelLinear's layout): h's gradient is a
             # partial sum per rank, all-reduced once for all parts, as that layer would.
             h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
-        groups, offsets = self._layout()
-        return _AddB.apply(out, groups, offsets, h, *(pair.lora_B.weight for pair in pairs))
-
-    def _layout(self) -> tuple[int, list[int]]:
-        """The base's local output as [groups, width]: per query group q, k, v for qkv, one
-        group of gate then up for fc1; and each targeted part's column offset in a group."""
-        groups = self.local_groups if self.name == "linear_qkv" else 1
-        offsets, offset = {}, 0
-        for t in LINEAR_TARGETS[self.name]:
-            offsets[t] = offset
-            offset += self.local_sizes[t] // groups
-        return groups, [offsets[p] for p in self.parts]
+        return _AddB.apply(out, self.groups, self.offsets, h,
+                           *(pair.lora_B.weight for pair in pairs))
 
 
 def _with_lora(base_cls, name: str):
